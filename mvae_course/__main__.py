@@ -1,0 +1,3 @@
+from mvae_course.cli import main
+
+raise SystemExit(main())
