@@ -1,0 +1,156 @@
+"""Tests for mvae_course/data/text.py: WordPiece vocabulary, compact ids, round trips and padding."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from mvae_course.data.text import (
+    BERT_VOCAB_SIZE,
+    BOS,
+    EOS,
+    PAD,
+    UNK,
+    CaptionTokenizer,
+    bert_tokenizer,
+    normalise,
+    pad_captions,
+)
+
+CAPTIONS = [
+    "A man riding a wave on top of a surfboard.",
+    "Two dogs playing with a frisbee in the park!",
+    "A skateboarder   performing a trick, mid-air, at the skate park.",
+    "The café's menu: crêpes, 3.50 euros (each)... \"delicious\"",
+    "A GIRAFFE standing next to a tall tree?",
+    "  leading and trailing spaces  ",
+    "",
+]
+
+
+def coco_mini_root() -> Path:
+    default = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco-mini"
+    return Path(os.environ.get("MVAE_COCO_MINI", default))
+
+
+@pytest.fixture(scope="module")
+def tok() -> CaptionTokenizer:
+    return CaptionTokenizer.fit(CAPTIONS)
+
+
+def test_bert_vocabulary_is_complete_and_offline():
+    bert = bert_tokenizer()
+    assert len(bert) == BERT_VOCAB_SIZE == 30522
+    assert bert.convert_ids_to_tokens(bert("skateboarding", add_special_tokens=False)["input_ids"]) == [
+        "skate", "##boarding"
+    ]
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    assert bert_tokenizer() is bert  # cached
+
+
+def test_normalise():
+    assert normalise("  A  Café-Bike,  on the STREET!  ") == "a cafe - bike, on the street!"
+    assert normalise("") == ""
+
+
+@pytest.mark.parametrize("caption", CAPTIONS)
+def test_round_trip_gives_the_normalised_caption(tok, caption):
+    ids = tok.encode(caption)
+    assert all(i >= 4 for i in ids)  # content ids only, all seen in training
+    assert tok.decode(ids) == normalise(caption)
+    bert = bert_tokenizer()
+    assert tok.decode(ids) == bert.decode(bert(caption, add_special_tokens=False)["input_ids"])
+
+
+def test_encode_batch_matches_encode(tok):
+    assert tok.encode_batch(CAPTIONS) == [tok.encode(c) for c in CAPTIONS]
+    assert tok.encode_batch([]) == []
+
+
+def test_coco_mini_captions_round_trip():
+    path = coco_mini_root() / "annotations" / "captions_train2017.json"
+    if not path.is_file():
+        pytest.skip(f"coco-mini not found at {path} (set MVAE_COCO_MINI to its folder)")
+    captions = [a["caption"] for a in json.loads(path.read_text())["annotations"]]
+    tok = CaptionTokenizer.fit(captions)
+    decoded = tok.decode_batch(tok.encode_batch(captions))
+    mismatched = [(c, d) for c, d in zip(captions, decoded) if d != normalise(c)]
+    assert not mismatched, mismatched[:5]
+    assert 4 < tok.vocab_size < 5000
+
+
+def test_special_ids_and_frequency_order():
+    tok = CaptionTokenizer.fit(["a cat", "a dog", "a cat on a mat"])
+    assert (tok.pad_id, tok.bos_id, tok.eos_id, tok.unk_id) == (PAD, BOS, EOS, UNK) == (0, 1, 2, 3)
+    assert tok.wordpieces[:2] == ["a", "cat"]  # most frequent first
+    assert tok.encode("a cat") == [4, 5]
+    assert tok.vocab_size == len(tok) == 4 + len({"a", "cat", "dog", "on", "mat"})
+
+
+def test_unknown_wordpieces_and_min_count_map_to_unk():
+    tok = CaptionTokenizer.fit(["a cat", "a dog", "a cat"], min_count=2)
+    assert tok.wordpieces == ["a", "cat"]
+    assert tok.encode("a dog") == [4, UNK]
+    assert tok.encode("a zebra") == [4, UNK]
+    with pytest.raises(ValueError, match="min_count"):
+        CaptionTokenizer.fit(["a"], min_count=0)
+
+
+def test_specials_are_never_decoded(tok):
+    a, b, c = tok.encode("man riding wave")
+    assert tok.decode([BOS, a, PAD, UNK, b, c]) == "man riding wave"
+    assert tok.decode([a, b, EOS, c]) == "man riding"  # stops at EOS
+    assert tok.decode(torch.tensor([BOS, EOS, a])) == ""
+    text, _ = pad_captions([[a, b], [c]])
+    assert tok.decode_batch(text) == ["man riding", "wave"]
+
+
+def test_wordpiece_ids_map_to_bert(tok):
+    bert = bert_tokenizer()
+    ids = tok.wordpiece_ids
+    assert ids.dtype == torch.long and ids.shape == (tok.vocab_size,)
+    assert bert.convert_ids_to_tokens(ids[:4].tolist()) == ["[PAD]", "[CLS]", "[SEP]", "[UNK]"]
+    assert bert.convert_ids_to_tokens(ids[4:].tolist()) == tok.wordpieces
+
+
+def test_pad_captions_pads_to_the_longest_in_the_batch():
+    text, lengths = pad_captions([[4, 5, 6], [7], []])
+    assert text.dtype == lengths.dtype == torch.long
+    assert text.tolist() == [[4, 5, 6, EOS], [7, EOS, PAD, PAD], [EOS, PAD, PAD, PAD]]
+    assert lengths.tolist() == [4, 2, 1]
+    assert (text != PAD).sum(1).tolist() == lengths.tolist()
+    text, _ = pad_captions([[9, 9]], pad_id=-1, eos_id=99)
+    assert text.tolist() == [[9, 9, 99]]
+    with pytest.raises(ValueError):
+        pad_captions([])
+
+
+def test_save_load(tmp_path, tok):
+    path = tmp_path / "tokenizer.json"
+    tok.save(path)
+    loaded = CaptionTokenizer.load(path)
+    assert loaded.wordpieces == tok.wordpieces
+    assert loaded.encode_batch(CAPTIONS) == tok.encode_batch(CAPTIONS)
+    assert torch.equal(loaded.wordpiece_ids, tok.wordpiece_ids)
+
+
+def test_load_bad_files_fail_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        CaptionTokenizer.load(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json.*not valid JSON"):
+        CaptionTokenizer.load(bad)
+    bad.write_text(json.dumps(["a", "cat"]))
+    with pytest.raises(ValueError, match="not a CaptionTokenizer file"):
+        CaptionTokenizer.load(bad)
+    CaptionTokenizer(["a", "cat"]).save(bad)
+    data = json.loads(bad.read_text())
+    data["wordpieces"].append("notawordpiecexyz")
+    bad.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="notawordpiecexyz"):
+        CaptionTokenizer.load(bad)
