@@ -57,6 +57,8 @@ class ModelConfig:
     dec_hidden: int = 512
     max_caption_len: int = 32  # longest caption generated
     word_dropout: float = 0.0  # fraction of decoder inputs replaced by UNK (a remedy for posterior collapse)
+    image_weight: float = 1.0  # scales log p(image | z) in the training objective (MMVAE-style rescaling)
+    text_weight: float = 1.0  # scales log p(text | z) in the training objective; reported ELBOs stay unscaled
 
     def __post_init__(self) -> None:
         self.image_channels = tuple(self.image_channels)

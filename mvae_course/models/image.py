@@ -1,0 +1,92 @@
+"""The image encoder q(z | x) and decoder p(x | z): the classic convolutional VAE pair.
+
+Taught in notebooks/02_image_vae.ipynb
+
+Three stride-2 convolutions halve the image three times (64 -> 32 -> 16 -> 8, or 32 -> 16 -> 8 -> 4),
+then a linear layer gives the posterior's mu and logvar. The decoder mirrors it with transposed
+convolutions and returns logits; `objectives.image_log_likelihood` turns them into log p(x | z) and
+`objectives.image_mean` into pixels.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from mvae_course.config import ModelConfig
+
+
+def conv_output_size(size: int, kernel: int = 4, stride: int = 2, padding: int = 1) -> int:
+    """Side length after a convolution: floor((size + 2 padding - kernel) / stride) + 1.
+
+    Taught in notebooks/02_image_vae.ipynb
+
+    With the defaults (kernel 4, stride 2, padding 1) an even side is exactly halved.
+    """
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def _feature_size(config: ModelConfig) -> int:
+    """Side length of the last feature map; the image size must survive the halvings exactly."""
+    size = config.image_size
+    for _ in config.image_channels:
+        size = conv_output_size(size)
+    if size < 1 or size * 2 ** len(config.image_channels) != config.image_size:
+        raise ValueError(
+            f"ModelConfig.image_size={config.image_size} cannot be halved {len(config.image_channels)} times "
+            f"(one per entry of image_channels={config.image_channels}); use a multiple of "
+            f"{2 ** len(config.image_channels)}, e.g. 32 or 64"
+        )
+    return size
+
+
+class ImageEncoder(nn.Module):
+    """q(z | x) = N(mu(x), diag(exp(logvar(x)))) from a stack of stride-2 convolutions.
+
+    Taught in notebooks/02_image_vae.ipynb
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.side = _feature_size(config)
+        layers: list[nn.Module] = []
+        in_channels = 3
+        for channels in config.image_channels:
+            layers += [nn.Conv2d(in_channels, channels, kernel_size=4, stride=2, padding=1), nn.ReLU()]
+            in_channels = channels
+        self.conv = nn.Sequential(*layers)
+        self.to_params = nn.Linear(in_channels * self.side**2, 2 * config.z_dim)
+
+    def forward(self, image: Tensor) -> tuple[Tensor, Tensor]:
+        """image: B x 3 x H x W in [0, 1]. Returns mu, logvar: B x z_dim each."""
+        h = self.conv(image)  # B x C_last x H/8 x W/8 (128 x 8 x 8 for 64 x 64 inputs)
+        mu, logvar = self.to_params(h.flatten(1)).chunk(2, dim=-1)  # B x z_dim each
+        return mu, logvar
+
+
+class ImageDecoder(nn.Module):
+    """p(x | z): a linear layer to a small feature map, then transposed convolutions up to the image.
+
+    Taught in notebooks/02_image_vae.ipynb
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.side = _feature_size(config)
+        channels = list(reversed(config.image_channels))  # e.g. 128, 64, 32
+        self.channels = channels[0]
+        self.from_z = nn.Linear(config.z_dim, channels[0] * self.side**2)
+        layers: list[nn.Module] = []
+        for c_in, c_out in zip(channels, channels[1:]):
+            layers += [nn.ConvTranspose2d(c_in, c_out, kernel_size=4, stride=2, padding=1), nn.ReLU()]
+        # The last layer has no activation: it gives logits, which the likelihood interprets.
+        layers.append(nn.ConvTranspose2d(channels[-1], 3, kernel_size=4, stride=2, padding=1))
+        self.deconv = nn.Sequential(*layers)
+
+    def forward(self, z: Tensor) -> Tensor:
+        """z: ... x z_dim (e.g. B, or K x B). Returns logits ... x 3 x H x W."""
+        lead = z.shape[:-1]
+        h = torch.relu(self.from_z(z.reshape(-1, z.shape[-1])))  # N x (C_last * side^2)
+        h = h.view(-1, self.channels, self.side, self.side)  # N x C_last x H/8 x W/8
+        logits = self.deconv(h)  # N x 3 x H x W
+        return logits.view(*lead, *logits.shape[1:])

@@ -1,0 +1,396 @@
+"""The multimodal VAE over images and captions: one latent z, two encoders, two decoders, four fusions.
+
+Taught in notebooks/04_fusion.ipynb (and trained on COCO in 06_coco_training, evaluated in 07_evaluation).
+
+The generative model is p(z) p(image | z) p(text | z) with p(z) = N(0, I). Each modality's encoder gives
+an "expert" q(z | x_m); `config.fusion` says how the experts make the posterior and how it is trained:
+
+- "independent": no shared latent. Each modality is its own VAE with its own z; the objective is the
+  sum of two unimodal ELBOs. Feeding the image posterior's z to the text decoder then fails, because
+  nothing ties the two latent spaces together: the baseline the other fusions beat.
+- "poe" (MVAE, Wu and Goodman 2018): q(z | image, text) is proportional to p(z) q(z | image)
+  q(z | text) (the prior is an expert too). Trained with the MVAE's sub-sampled objective: the joint
+  ELBO plus the two unimodal ELBOs, ELBO(image, text) + ELBO(image) + ELBO(text). Each ELBO
+  reconstructs exactly the modalities its posterior saw (the joint one both, a unimodal one its own),
+  as in Wu and Goodman's paper; the unimodal terms train each expert to stand alone at test time.
+- "moe" (MMVAE, Shi et al. 2019): q(z | image, text) = (q(z | image) + q(z | text)) / 2. Trained
+  stratified: for each modality m, z ~ q(z | x_m) reconstructs BOTH modalities (cross-reconstruction),
+  and the KL term is the one-sample estimate log q_mix(z) - log p(z); the objective averages over m.
+  (The plain ELBO, not the DReG estimator of the paper.)
+- "mopoe" (Sutter et al. 2021): a uniform mixture over every non-empty subset s of the modalities of
+  q_s = PoE of the experts in s (no prior expert, as in the paper's equation: a one-modality subset is
+  that modality's expert). Trained stratified: z ~ q_s for every s reconstructs all modalities, minus
+  KL(q_s || p); the objective averages over subsets. Since KL of a mixture is at most the mean KL of its
+  components, this is still a lower bound on log p(image, text).
+
+Every loss is normalised per sample (summed over pixels and tokens, averaged over the batch), so the
+image and text log-likelihoods keep their natural scales in nats. A 64 x 64 image has 12288 numbers and
+a caption about a dozen tokens, so the image term dominates a shared latent; `config.image_weight` and
+`config.text_weight` rescale the log-likelihoods in the training objective only (the MMVAE paper does
+the same), never in the reported `elbo` or in `iwae`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from mvae_course.config import ModelConfig
+from mvae_course.models.fusion import (
+    mixture_log_prob,
+    mixture_of_experts_sample,
+    mixture_of_products,
+    product_of_experts,
+    sample_mixture,
+    subsets,
+)
+from mvae_course.models.image import ImageDecoder, ImageEncoder
+from mvae_course.models.text import TextDecoder, TextEncoder
+from mvae_course.objectives import (
+    elbo_terms,
+    gaussian_log_prob,
+    image_log_likelihood,
+    image_mean,
+    iwae_bound,
+    kl_standard_normal,
+    log_importance_weights,
+    reparameterize,
+)
+
+MODALITIES = ("image", "text")
+Experts = dict[str, tuple[Tensor, Tensor]]
+
+
+def _subset_name(subset: tuple[str, ...]) -> str:
+    """("image",) -> "image"; all modalities -> "joint"."""
+    return "joint" if len(subset) == len(MODALITIES) else "_".join(subset)
+
+
+class MultimodalVAE(nn.Module):
+    """Image and caption encoders and decoders around one latent space, fused by `config.fusion`.
+
+    Taught in notebooks/04_fusion.ipynb
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.image_encoder = ImageEncoder(config)
+        self.image_decoder = ImageDecoder(config)
+        self.text_encoder = TextEncoder(config)
+        self.text_decoder = TextDecoder(config)
+
+    @property
+    def fusion(self) -> str:
+        """How the experts are fused: "independent", "poe", "moe" or "mopoe" (from the config)."""
+        return self.config.fusion
+
+    # --- inference: experts and their fusion ---------------------------------------------------------
+
+    def experts(
+        self, image: Tensor | None = None, text: Tensor | None = None, lengths: Tensor | None = None
+    ) -> Experts:
+        """The unimodal posteriors q(z | x_m) of the modalities passed.
+
+        Taught in notebooks/04_fusion.ipynb
+
+        image: B x 3 x H x W; text: B x T with lengths: B. Returns {"image": (mu, logvar), "text": (mu,
+        logvar)} (only the keys passed), each B x z_dim.
+        """
+        experts: Experts = {}
+        if image is not None:
+            experts["image"] = self.image_encoder(image)
+        if text is not None:
+            if lengths is None:
+                raise ValueError(
+                    "text needs its lengths (content ids + EOS per caption): pass lengths=batch['lengths']"
+                )
+            experts["text"] = self.text_encoder(text, lengths)
+        if not experts:
+            raise ValueError("pass at least one modality: image=..., text=... (with lengths=...), or both")
+        return experts
+
+    def fuse(self, experts: Experts, mask: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """The posterior given the experts present, by `config.fusion`.
+
+        Taught in notebooks/04_fusion.ipynb
+
+        Returns (mu, logvar), either B x z_dim (a Gaussian) or C x B x z_dim: the C components of a
+        uniform mixture. Which one:
+        - one expert (any fusion): that modality's posterior (for poe, its product with the prior).
+        - poe: the product of the experts and the prior, always B x z_dim. `mask` ({modality: B bool},
+          False = missing for that sample) drops an expert per sample, exactly as if it were left out.
+        - moe given both: the 2 experts, the components of the mixture.
+        - mopoe given both: the PoE of every non-empty subset (image, text, joint): 3 components.
+        - independent given both: an error: its two latents are different spaces, use `experts`.
+        """
+        names = list(experts)
+        if mask is not None and self.fusion != "poe":
+            raise ValueError(f"a per-sample mask is supported for fusion='poe' only, not {self.fusion!r}")
+        mu = torch.stack([experts[m][0] for m in names])  # E x B x D
+        logvar = torch.stack([experts[m][1] for m in names])
+        if self.fusion == "poe":
+            present = None
+            if mask is not None:  # E x B, a modality absent from the mask is present everywhere
+                everywhere = torch.ones(mu.shape[1], dtype=torch.bool, device=mu.device)
+                present = torch.stack([mask.get(m, everywhere).to(mu.device) for m in names])
+            return product_of_experts(mu, logvar, present, prior_expert=True)
+        if len(names) == 1:
+            return mu[0], logvar[0]
+        if self.fusion == "moe":
+            return mu, logvar
+        if self.fusion == "mopoe":
+            # subsets(range(E)) lists the same subsets, in the same order, as subsets(names), by index.
+            return mixture_of_products(mu, logvar, subsets(range(len(names))), prior_expert=False)
+        raise ValueError(
+            "fusion='independent' has no joint posterior: each modality has its own latent space. "
+            "Encode one modality at a time, or use model.experts(image, text, lengths)"
+        )
+
+    def encode(
+        self,
+        image: Tensor | None = None,
+        text: Tensor | None = None,
+        lengths: Tensor | None = None,
+        mask: dict[str, Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """The posterior q(z | modalities passed): `fuse(experts(image, text, lengths), mask)`.
+
+        Taught in notebooks/04_fusion.ipynb
+
+        Returns (mu, logvar): B x z_dim, or C x B x z_dim for a mixture (moe, mopoe given both); see `fuse`.
+        """
+        return self.fuse(self.experts(image, text, lengths), mask)
+
+    def embed(
+        self, image: Tensor | None = None, text: Tensor | None = None, lengths: Tensor | None = None
+    ) -> Tensor:
+        """The posterior mean E[z | modalities passed], B x z_dim (for retrieval and latent plots).
+
+        Taught in notebooks/07_evaluation.ipynb
+
+        For a mixture posterior the mean is the average of its components' means.
+        """
+        mu, _ = self.encode(image, text, lengths)
+        return mu.mean(0) if mu.dim() == 3 else mu
+
+    # --- generation: decoders ------------------------------------------------------------------------
+
+    def log_likelihood(self, z: Tensor, batch: dict[str, Tensor], modality: str) -> Tensor:
+        """log p(x_m | z) per sample, for the batch's image or caption.
+
+        Taught in notebooks/04_fusion.ipynb
+
+        z: ... x B x z_dim (e.g. B, or K x B with K samples per data point). Returns ... x B.
+        """
+        if modality == "image":
+            logits = self.image_decoder(z)  # ... x B x 3 x H x W
+            config = self.config
+            return image_log_likelihood(logits, batch["image"], config.image_likelihood, config.image_sigma)
+        if modality == "text":
+            text, lengths = batch["text"], batch["lengths"]
+            n = z[..., 0].numel() // text.shape[0]  # how many latents per caption
+            z_flat = z.reshape(-1, z.shape[-1])  # (... B) x D: the batch index runs fastest
+            log_p = self.text_decoder.log_likelihood(z_flat, text.repeat(n, 1), lengths.repeat(n))
+            return log_p.view(z.shape[:-1])
+        raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+
+    @torch.no_grad()
+    def generate_text(self, image: Tensor, **decode_kwargs) -> list[list[int]]:
+        """Captions for images, decoded from the posterior mean z = E[z | image].
+
+        Taught in notebooks/04_fusion.ipynb
+
+        image: B x 3 x H x W. decode_kwargs go to `TextDecoder.generate` (method="greedy" | "sample" |
+        "beam", max_len, temperature, top_k, top_p, beam_size). Returns B lists of content ids.
+        """
+        return self.text_decoder.generate(self.embed(image=image), **decode_kwargs)
+
+    @torch.no_grad()
+    def generate_image(self, text: Tensor, lengths: Tensor) -> Tensor:
+        """Images for captions: the decoder's mean at z = E[z | text]. text: B x T, lengths: B.
+
+        Taught in notebooks/04_fusion.ipynb
+
+        Returns B x 3 x H x W in [0, 1].
+        """
+        return self._image_from(self.embed(text=text, lengths=lengths))
+
+    @torch.no_grad()
+    def reconstruct(
+        self,
+        image: Tensor | None = None,
+        text: Tensor | None = None,
+        lengths: Tensor | None = None,
+        **decode_kwargs,
+    ) -> dict[str, Tensor | list[list[int]]]:
+        """Both modalities decoded from the posterior mean given the modalities passed.
+
+        Taught in notebooks/04_fusion.ipynb
+
+        Returns {"image": B x 3 x H x W in [0, 1], "text": B lists of content ids}. For "independent"
+        given both, each modality is decoded from its own posterior.
+        """
+        if self.fusion == "independent" and image is not None and text is not None:
+            return {
+                "image": self._image_from(self.embed(image=image)),
+                "text": self.text_decoder.generate(self.embed(text=text, lengths=lengths), **decode_kwargs),
+            }
+        z = self.embed(image, text, lengths)
+        return {"image": self._image_from(z), "text": self.text_decoder.generate(z, **decode_kwargs)}
+
+    @torch.no_grad()
+    def sample(self, n: int, **decode_kwargs) -> dict[str, Tensor | list[list[int]]]:
+        """n image-caption pairs from the prior: z ~ N(0, I), then both decoders.
+
+        Taught in notebooks/04_fusion.ipynb
+
+        Returns {"image": n x 3 x H x W in [0, 1], "text": n lists of content ids}. For "independent"
+        each modality gets its own z (its latents are separate spaces), so the pairs do not match.
+        """
+        device = next(self.parameters()).device
+        z = torch.randn(n, self.config.z_dim, device=device)
+        z_text = torch.randn_like(z) if self.fusion == "independent" else z
+        return {"image": self._image_from(z), "text": self.text_decoder.generate(z_text, **decode_kwargs)}
+
+    def _image_from(self, z: Tensor) -> Tensor:
+        return image_mean(self.image_decoder(z), self.config.image_likelihood)
+
+    # --- training objectives -------------------------------------------------------------------------
+
+    def loss(self, batch: dict[str, Tensor], beta: float = 1.0) -> dict[str, Tensor]:
+        """The training loss of `config.fusion`, with its terms by name.
+
+        Taught in notebooks/04_fusion.ipynb
+
+        batch: {"image": B x 3 x H x W, "text": B x T, "lengths": B, ...}; beta weighs the KL terms.
+        Returns scalars: "loss" (mean over the batch of -objective; minimise it), "elbo" (the bound on
+        log p(image, text) it trains, with beta = 1 and no likelihood weights), "rec_image" and
+        "rec_text" (log-likelihoods E_q[log p(x_m | z)] in nats, higher is better), "kl" and, per ELBO
+        the objective sums or averages, "elbo_<subset>" (elbo_image, elbo_text, elbo_joint).
+        """
+        experts = self.experts(batch["image"], batch["text"], batch["lengths"])
+        losses: dict[str, Callable[[Experts, dict[str, Tensor], float], dict[str, Tensor]]] = {
+            "independent": self._loss_independent,
+            "poe": self._loss_poe,
+            "moe": self._loss_moe,
+            "mopoe": self._loss_mopoe,
+        }
+        terms = losses[self.fusion](experts, batch, beta)  # each B
+        objective = terms.pop("objective")
+        return {"loss": -objective.mean(), **{name: value.mean() for name, value in terms.items()}}
+
+    def _elbo(
+        self, mu: Tensor, logvar: Tensor, batch: dict[str, Tensor], modalities: tuple[str, ...], beta: float
+    ) -> dict[str, Tensor]:
+        """One-sample ELBO terms of a Gaussian posterior reconstructing `modalities`.
+
+        mu, logvar: ... x B x D (e.g. S x B x D for S posteriors at once). Returns terms ... x B.
+        """
+        z = reparameterize(mu, logvar)
+        log_likelihoods = {m: self.log_likelihood(z, batch, m) for m in modalities}
+        return self._terms(log_likelihoods, kl_standard_normal(mu, logvar), beta)
+
+    def _terms(self, log_likelihoods: dict[str, Tensor], kl: Tensor, beta: float) -> dict[str, Tensor]:
+        """`elbo_terms`, with the objective's log-likelihoods scaled by config.image_weight / text_weight."""
+        terms = elbo_terms(log_likelihoods, kl, beta)
+        weights = {"image": self.config.image_weight, "text": self.config.text_weight}
+        terms["objective"] = sum(weights[m] * ll for m, ll in log_likelihoods.items()) - beta * kl
+        return terms
+
+    def _loss_independent(self, experts: Experts, batch: dict[str, Tensor], beta: float) -> dict[str, Tensor]:
+        image = self._elbo(*experts["image"], batch, ("image",), beta)
+        text = self._elbo(*experts["text"], batch, ("text",), beta)
+        return {
+            "objective": image["objective"] + text["objective"],
+            "elbo": image["elbo"] + text["elbo"],  # log p(image, text) = log p(image) + log p(text) here
+            "rec_image": image["rec_image"],
+            "rec_text": text["rec_text"],
+            "kl": image["kl"] + text["kl"],  # two latents, two KL terms
+            "elbo_image": image["elbo"],
+            "elbo_text": text["elbo"],
+        }
+
+    def _loss_poe(self, experts: Experts, batch: dict[str, Tensor], beta: float) -> dict[str, Tensor]:
+        elbos = {
+            _subset_name(s): self._elbo(*self.fuse({m: experts[m] for m in s}), batch, s, beta)
+            for s in subsets(MODALITIES)
+        }
+        joint = elbos["joint"]
+        return {
+            "objective": sum(e["objective"] for e in elbos.values()),  # the MVAE's sub-sampled objective
+            "elbo": joint["elbo"],
+            "rec_image": joint["rec_image"],
+            "rec_text": joint["rec_text"],
+            "kl": joint["kl"],
+            **{f"elbo_{name}": e["elbo"] for name, e in elbos.items()},
+        }
+
+    def _loss_moe(self, experts: Experts, batch: dict[str, Tensor], beta: float) -> dict[str, Tensor]:
+        mu, logvar = self.fuse(experts)  # E x B x D, the mixture's components (image, text)
+        z = mixture_of_experts_sample(mu, logvar)[0].squeeze(1)  # E x B x D: z[e] ~ q(z | x_e)
+        log_likelihoods = {m: self.log_likelihood(z, batch, m) for m in MODALITIES}  # E x B each
+        kl = mixture_log_prob(z, mu, logvar) - gaussian_log_prob(z, torch.zeros_like(z), torch.zeros_like(z))
+        terms = self._terms(log_likelihoods, kl, beta)  # E x B each
+        return {
+            **{name: value.mean(0) for name, value in terms.items()},  # stratified: average over experts
+            **{f"elbo_{m}": terms["elbo"][e] for e, m in enumerate(MODALITIES)},  # z from modality m
+            "rec_text_from_image": log_likelihoods["text"][0],
+            "rec_image_from_text": log_likelihoods["image"][1],
+        }
+
+    def _loss_mopoe(self, experts: Experts, batch: dict[str, Tensor], beta: float) -> dict[str, Tensor]:
+        mu, logvar = self.fuse(experts)  # S x B x D, one PoE per subset
+        terms = self._elbo(mu, logvar, batch, MODALITIES, beta)  # S x B each
+        return {
+            **{name: value.mean(0) for name, value in terms.items()},  # stratified: average over subsets
+            **{f"elbo_{_subset_name(s)}": terms["elbo"][i] for i, s in enumerate(subsets(MODALITIES))},
+        }
+
+    # --- evaluation: importance-weighted log-likelihoods ---------------------------------------------
+
+    @torch.no_grad()
+    def iwae(self, batch: dict[str, Tensor], k: int = 16, chunk_size: int = 8) -> dict[str, Tensor]:
+        """Importance-weighted estimates (lower bounds) of log p(image), log p(text), log p(image, text).
+
+        Taught in notebooks/07_evaluation.ipynb
+
+        The proposal is the model's posterior given the modalities in question (a mixture for moe and
+        mopoe given both); k samples per data point, decoded `chunk_size` at a time to bound memory.
+        Runs in eval mode (no word dropout). For "independent" the joint is the sum of the two
+        marginals, since its two latents are independent. Returns {"image": B, "text": B, "joint": B}.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            image = self._iwae(batch, ("image",), k, chunk_size)
+            text = self._iwae(batch, ("text",), k, chunk_size)
+            if self.fusion == "independent":
+                joint = image + text
+            else:
+                joint = self._iwae(batch, MODALITIES, k, chunk_size)
+        finally:
+            self.train(was_training)
+        return {"image": image, "text": text, "joint": joint}
+
+    def _iwae(self, batch: dict[str, Tensor], modalities: tuple[str, ...], k: int, chunk_size: int) -> Tensor:
+        """log (1/k) sum_k p(x_M, z_k) / q(z_k | x_M), z_k ~ q(z | x_M), for the modalities M. Returns B."""
+        inputs = {"image": batch["image"]} if "image" in modalities else {}
+        if "text" in modalities:
+            inputs.update(text=batch["text"], lengths=batch["lengths"])
+        mu, logvar = self.encode(**inputs)
+        log_w = []
+        for start in range(0, k, chunk_size):
+            n = min(chunk_size, k - start)
+            if mu.dim() == 3:  # a mixture posterior
+                z, _ = sample_mixture(mu, logvar, k=n)  # n x B x D
+                log_q = mixture_log_prob(z, mu, logvar)
+                log_pz = gaussian_log_prob(z, torch.zeros_like(z), torch.zeros_like(z))
+                log_w.append(sum(self.log_likelihood(z, batch, m) for m in modalities) + log_pz - log_q)
+            else:
+                z = reparameterize(mu, logvar, k=n)  # n x B x D
+                log_px = sum(self.log_likelihood(z, batch, m) for m in modalities)  # n x B
+                log_w.append(log_importance_weights(log_px, z, mu, logvar))
+        return iwae_bound(torch.cat(log_w))  # k x B -> B
