@@ -3,7 +3,8 @@
 Taught in notebooks/00_setup.ipynb. Each command is a thin layer over a package function, so what a
 learner runs in a notebook and what an engineer runs in a shell are the same code.
 
-Commands import their modules lazily: `python -m mvae_course --help` should not wait for torch.
+Each command's arguments are declared by the module that runs it (`add_*_arguments`), so a flag is
+defined once, next to the code that reads it.
 """
 
 from __future__ import annotations
@@ -108,6 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="train every fusion with the same budget and tabulate the metrics")
     add_compare_arguments(p)
     p.set_defaults(func=_compare)
+
+    from mvae_course.grading.cli import (
+        add_exercises_arguments, add_grade_arguments, run_exercises, run_grade,
+    )
+
+    p = sub.add_parser("exercises", help="build exercises/ from solutions/, or check it is up to date")
+    add_exercises_arguments(p)
+    p.set_defaults(func=run_exercises)
+
+    p = sub.add_parser("grade", help="grade submitted exercise notebooks, each in its own kernel")
+    add_grade_arguments(p)
+    p.set_defaults(func=run_grade)
 
     p = sub.add_parser("course", help="run the course's main job end to end on the built-in data")
     p.add_argument("--out", default="build", help="where figures and runs go")
