@@ -49,7 +49,9 @@ class ModelConfig:
     z_dim: int = 64
     image_size: int = 64
     image_channels: tuple[int, ...] = (32, 64, 128)
-    image_likelihood: str = "gaussian"
+    # Bernoulli: the sigmoid of a Gaussian mean saturates on the black backgrounds of the shapes data and
+    # its gradient vanishes (the latent collapses); BCE on logits does not. See notebooks/02_image_vae.ipynb.
+    image_likelihood: str = "bernoulli"
     image_sigma: float = 0.1  # fixed std of the Gaussian image likelihood, in [0, 1] pixel units
     vocab_size: int = 0  # set from the tokenizer before the model is built
     emb_dim: int = 300
