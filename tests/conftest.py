@@ -7,4 +7,17 @@ Set MVAE_SMOKE=0 to test the notebooks with their full defaults instead.
 
 import os
 
+import pytest
+import torch
+
 os.environ.setdefault("MVAE_SMOKE", "1")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tiny models run fastest on one torch thread (several thrash when other jobs share the cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+

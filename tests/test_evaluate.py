@@ -23,15 +23,6 @@ from mvae_course.evaluate import (
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convolutions run faster on one thread than split over busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # --- retrieval ---------------------------------------------------------------------------------------
 
 

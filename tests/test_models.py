@@ -15,15 +15,6 @@ from mvae_course.models.text import TextDecoder, TextEncoder, filter_logits, shi
 VOCAB = 30
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; several threads thrash when other jobs share the CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_config(**changes) -> ModelConfig:
     config = preset("tiny").model
     config.vocab_size = VOCAB

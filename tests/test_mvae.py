@@ -14,15 +14,6 @@ VOCAB = 24
 B = 6
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; several threads thrash when other jobs share the CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model(fusion: str, seed: int = 0, **changes) -> MultimodalVAE:
     config: ModelConfig = preset("tiny").model
     config.vocab_size = VOCAB
