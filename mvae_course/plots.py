@@ -8,7 +8,6 @@ series, a legend; none calls `plt.show()`, so the same code works in a notebook 
 
 from __future__ import annotations
 
-import csv
 import math
 import textwrap
 from collections.abc import Mapping, Sequence
@@ -29,11 +28,9 @@ _NOT_TERMS = {"epoch", "lr", "beta", "samples_per_s"}  # logged beside the loss 
 def _read_metrics(metrics: str | Path | Mapping[str, Sequence] | Sequence[Mapping[str, Any]]) -> list[dict]:
     """Rows of a metrics log: a CSV path, a list of row dicts, or a column mapping (a DataFrame works)."""
     if isinstance(metrics, (str, Path)):
-        path = Path(metrics)
-        if not path.is_file():
-            raise FileNotFoundError(f"metrics file {path} not found; train a run first (it writes metrics.csv)")
-        with path.open(newline="") as f:
-            return list(csv.DictReader(f))
+        from mvae_course.train import read_metrics
+
+        return read_metrics(metrics)
     if isinstance(metrics, Mapping) or hasattr(metrics, "to_dict"):
         columns = metrics.to_dict("list") if hasattr(metrics, "to_dict") else metrics
         n = len(next(iter(columns.values()), []))

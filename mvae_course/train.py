@@ -562,6 +562,36 @@ def load_model(
     return model.to(pick_device(device)).eval(), tokenizer, config
 
 
+def train_or_load(
+    config: Config, out_dir: str | Path, data_dir: str | Path | None = None,
+    device: str | torch.device | None = None, progress: bool = False,
+) -> dict[str, Any]:
+    """Train a run into `out_dir`, or pick it up where it is: "load if present, else train".
+
+    A finished run is loaded (train() only re-validates it), an interrupted one resumes from its last
+    checkpoint, and an empty folder trains from scratch; so a lesson never makes a reader wait twice.
+    Returns train()'s result, plus `seconds`: the wall time this call took.
+    Taught in notebooks/02_image_vae.ipynb.
+    """
+    start = time.perf_counter()
+    resume = (Path(out_dir) / "last.pt").exists()
+    result = train(config, out_dir, resume=resume, device=device, progress=progress, data_dir=data_dir)
+    return {**result, "seconds": time.perf_counter() - start}
+
+
+def read_metrics(run_dir: str | Path, split: str | None = None) -> list[dict[str, Any]]:
+    """The rows of a run's `metrics.csv` (numbers as floats, empty cells left out), optionally of one split.
+
+    Taught in notebooks/06_coco_training.ipynb.
+    """
+    path = Path(run_dir) / "metrics.csv" if Path(run_dir).is_dir() else Path(run_dir)
+    if not path.is_file():
+        raise FileNotFoundError(f"metrics file {path} not found; train a run first (it writes metrics.csv)")
+    with path.open(newline="") as f:
+        rows = [row for row in csv.DictReader(f) if split is None or row["split"] == split]
+    return [{k: v if k == "split" else float(v) for k, v in row.items() if v != ""} for row in rows]
+
+
 # ---------------------------------------------------------------------------------------------
 # Command line: python -m mvae_course train ...
 # ---------------------------------------------------------------------------------------------

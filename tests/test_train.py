@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import shutil
 from pathlib import Path
@@ -22,8 +21,10 @@ from mvae_course.train import (
     load_model,
     lr_factor,
     pick_device,
+    read_metrics,
     run_train,
     train,
+    train_or_load,
 )
 
 COCO_MINI = Path(
@@ -51,11 +52,6 @@ def data_dir(tmp_path_factory) -> Path:
 def full_run(tmp_path_factory, data_dir) -> dict:
     """One uninterrupted run, shared by the tests that compare against it or read its files."""
     return train(small_config(), tmp_path_factory.mktemp("run") / "full", progress=False, data_dir=data_dir)
-
-
-def read_metrics(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def fail_on_training_call(monkeypatch, k: int, make_error) -> None:
@@ -120,7 +116,7 @@ def test_training_lowers_the_validation_loss_and_writes_its_files(full_run):
         assert (out / name).is_file(), name
     rows = read_metrics(out / "metrics.csv")
     assert list(rows[0])[:3] == ["step", "epoch", "split"]
-    assert {"loss", "kl", "lr", "beta", "samples_per_s"} <= set(rows[0])
+    assert {"loss", "kl", "lr", "beta", "samples_per_s"} <= set().union(*rows)  # empty cells are left out
     val = [r for r in rows if r["split"] == "val"]
     assert [int(r["step"]) for r in val] == [0, 6, 12]
     assert float(val[-1]["loss"]) < float(val[0]["loss"]) - 100  # the untrained model is far worse
@@ -150,6 +146,23 @@ def test_resuming_a_finished_run_changes_nothing(full_run, tmp_path, data_dir):
     result = train(small_config(), run, resume=True, progress=False, data_dir=data_dir)
     assert result["step"] == 12
     assert same_weights(result["model"].state_dict(), full_run["model"].state_dict())
+
+
+def test_train_or_load_loads_a_finished_run_and_trains_an_empty_folder(full_run, tmp_path, data_dir):
+    run = tmp_path / "lesson"
+    shutil.copytree(full_run["out_dir"], run, ignore=shutil.ignore_patterns("data"))
+    loaded = train_or_load(small_config(), run, data_dir=data_dir)
+    assert loaded["step"] == 12 and loaded["seconds"] >= 0
+    assert same_weights(loaded["model"].state_dict(), full_run["model"].state_dict())
+    fresh = train_or_load(small_config(max_steps=2), tmp_path / "new", data_dir=data_dir)
+    assert fresh["step"] == 2 and (tmp_path / "new" / "last.pt").is_file()
+
+
+def test_read_metrics_gives_numbers_by_split(full_run):
+    val = read_metrics(full_run["out_dir"], split="val")
+    assert [row["step"] for row in val] == [0.0, 6.0, 12.0]
+    assert all(row["split"] == "val" and isinstance(row["loss"], float) for row in val)
+    assert len(read_metrics(full_run["metrics"])) == len(val) + len(read_metrics(full_run["out_dir"], "train"))
 
 
 def test_a_second_run_into_the_same_folder_is_refused(full_run, data_dir):
