@@ -1,0 +1,130 @@
+"""Training throughput, naive vs course pipeline, side by side: the command line over mvae_course.throughput.
+
+Taught in notebooks/06_coco_training.ipynb.
+
+    python benchmarks/train_throughput.py                          # coco-mini + synthetic COCO-sized, CPU
+    python benchmarks/train_throughput.py --extra channels_last    # one more lever on top of the course's
+    python benchmarks/train_throughput.py gpu --device cuda        # coco_gpu at COCO size (gpu_check.sh)
+    python benchmarks/train_throughput.py gpu --device cpu --smoke # the same code, tiny, on a CPU
+
+`compare` (the default) times every rung of the lever ladder (naive, + cache, + compact_vocab,
++ dynamic_padding, + real_token_logits, then any --extra) in alternating rounds on each data set and
+prints a Markdown table per data set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from mvae_course.config import preset
+from mvae_course.throughput import (
+    COURSE,
+    LEVERS,
+    NAIVE,
+    Levers,
+    build_pipeline,
+    compare,
+    format_table,
+    gpu_epoch_check,
+    lever_ladder,
+    load_train_data,
+    make_synthetic_coco,
+)
+
+DEFAULT_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco-mini"
+
+
+def run_ladder(data, ladder: list[tuple[str, Levers]], args: argparse.Namespace, model_config=None) -> str:
+    pipelines = [
+        build_pipeline(levers, data, args.batch_size, args.device, model_config, name=name)
+        for name, levers in ladder
+    ]
+    results = compare(pipelines, rounds=args.rounds, steps=args.steps, warmup=args.warmup)
+    return format_table(results)
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    ladder = lever_ladder(args.extra)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
+          f"batch {args.batch_size}, {args.rounds} rounds x {args.steps} steps (+{args.warmup} warm-up)")
+    with tempfile.TemporaryDirectory() as tmp:
+        sets = []
+        if "coco-mini" in args.datasets:
+            if not (args.root / "annotations").is_dir():
+                raise SystemExit(f"no COCO folder at {args.root}; pass --root or --datasets synthetic")
+            sets.append(("coco-mini", args.root))
+        if "synthetic" in args.datasets:
+            start = time.perf_counter()
+            root = make_synthetic_coco(Path(tmp) / "synthetic-coco", n_images=args.synthetic_images)
+            seconds = time.perf_counter() - start
+            print(f"synthetic COCO: {args.synthetic_images} JPEGs 640 x 480 in {seconds:.0f} s")
+            sets.append(("synthetic COCO-sized", root))
+        for title, root in sets:
+            start = time.perf_counter()
+            data = load_train_data(root, args.split, Path(tmp) / "cache")
+            print(f"\n### {title} ({root.name}/{args.split}: {len(data.cache)} images, "
+                  f"{len(data.cache.captions)} captions, compact vocabulary {data.tokenizer.vocab_size}; "
+                  f"cache built in {time.perf_counter() - start:.0f} s)\n")
+            print(run_ladder(data, ladder, args), flush=True)
+
+
+def cmd_gpu(args: argparse.Namespace) -> None:
+    device = torch.device(args.device)
+    steps = 2 if args.smoke else args.steps
+    check = gpu_epoch_check(device, steps=2 if args.smoke else args.check_steps,
+                            warmup=1 if args.smoke else 10, smoke=args.smoke)
+    print(json.dumps(check))
+    print(f"coco_gpu preset, {check['n_images']} synthetic images resident on {device}, "
+          f"batch {check['batch_size']}, bf16 on CUDA: {check['samples_per_s']:.0f} samples/s, "
+          f"peak GPU memory {check['peak_memory_gib']:.2f} GiB; "
+          f"projected epoch: {check['epoch_images_min']:.1f} min (118k images, one caption each), "
+          f"{check['epoch_captions_min']:.1f} min (all 591k caption pairs)")
+    n_images, size = (16, (80, 60)) if args.smoke else (args.synthetic_images, (640, 480))
+    model_config = preset("tiny").model if args.smoke else None
+    image_size = model_config.image_size if model_config else 64
+    with tempfile.TemporaryDirectory() as tmp:
+        root = make_synthetic_coco(Path(tmp) / "synthetic-coco", n_images=n_images, size=size)
+        data = load_train_data(root, args.split, Path(tmp) / "cache", image_size)
+        bf16 = device.type == "cuda"
+        ladder = [("naive", NAIVE), ("course" + " (bf16)" * bf16, dataclasses.replace(COURSE, bf16=bf16))]
+        small = argparse.Namespace(**{**vars(args), "batch_size": 8 if args.smoke else args.batch_size,
+                                      "rounds": 1 if args.smoke else args.rounds, "steps": steps,
+                                      "warmup": 1 if args.smoke else args.warmup})
+        print(f"\nnaive vs course on {device} ({n_images} synthetic JPEGs):\n")
+        print(run_ladder(data, ladder, small, model_config))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", nargs="?", default="compare", choices=["compare", "gpu"])
+    parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="a COCO folder (default: coco-mini)")
+    parser.add_argument("--split", default="train2017")
+    parser.add_argument("--datasets", nargs="+", default=["coco-mini", "synthetic"],
+                        choices=["coco-mini", "synthetic"])
+    parser.add_argument("--synthetic-images", type=int, default=2000, help="JPEGs in the synthetic set")
+    parser.add_argument("--extra", nargs="*", default=[], choices=LEVERS, help="levers to add on top")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per pipeline per round")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per pipeline first")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, one per core); "
+                        "1 is steadier on a machine other jobs share")
+    parser.add_argument("--check-steps", type=int, default=100, help="gpu: timed coco_gpu steps")
+    parser.add_argument("--smoke", action="store_true", help="gpu: tiny sizes, to check the code on a CPU")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cmd_gpu(args) if args.command == "gpu" else cmd_compare(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""The throughput benchmark's pipelines: they train, and the naive one optimises the same objective.
+
+No timing assertions here: speed is measured by benchmarks/train_throughput.py, not tested.
+"""
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mvae_course.config import preset
+from mvae_course.data.cache import CacheLoader
+from mvae_course.data.text import BERT_VOCAB_SIZE, PAD, pad_captions
+from mvae_course.models.mvae import MultimodalVAE
+from mvae_course.throughput import (
+    COURSE,
+    MAX_TOKENS,
+    NAIVE,
+    FullLogitsVAE,
+    Levers,
+    bert_to_compact,
+    build_pipeline,
+    collate_bert,
+    compare,
+    format_table,
+    gpu_epoch_check,
+    lever_ladder,
+    load_train_data,
+    make_synthetic_coco,
+    synthetic_cache,
+    synthetic_captions,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = preset("tiny").model
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("throughput")
+    root = make_synthetic_coco(tmp / "coco", n_images=8, size=(48, 40), n_words=60)
+    return load_train_data(root, "train2017", tmp / "cache", image_size=TINY.image_size)
+
+
+def _params(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("levers", [NAIVE, COURSE, dataclasses.replace(COURSE, channels_last=True)],
+                         ids=["naive", "course", "course+channels_last"])
+def test_pipeline_takes_a_finite_step(data, levers):
+    pipeline = build_pipeline(levers, data, batch_size=4, model_config=TINY)
+    before = _params(pipeline.model)
+    assert pipeline.step() == 4
+    assert torch.isfinite(torch.tensor(pipeline.last_loss))
+    changed = [not torch.equal(a, b) for a, b in zip(before, pipeline.model.parameters())]
+    assert sum(changed) > len(changed) // 2  # the optimiser moved (nearly) every tensor
+
+
+def test_pipelines_see_the_batches_their_levers_describe(data):
+    naive = next(build_pipeline(NAIVE, data, batch_size=4, model_config=TINY).batches)
+    course = next(build_pipeline(COURSE, data, batch_size=4, model_config=TINY).batches)
+    assert naive["text"].shape == (4, MAX_TOKENS) and int(naive["text"].max()) >= BERT_VOCAB_SIZE // 100
+    assert course["text"].shape[1] == int(course["lengths"].max()) < MAX_TOKENS
+    assert int(course["text"].max()) < data.tokenizer.vocab_size
+    assert naive["image"].shape == course["image"].shape == (4, 3, TINY.image_size, TINY.image_size)
+
+
+def test_naive_and_course_text_losses_agree_when_the_vocabularies_map(data):
+    """The course's real-token loss over compact ids = the naive ignore_index loss over the BERT ids they
+    map to, when the BERT model's rows are the compact model's and every other logit is -inf."""
+    tok = data.tokenizer
+    captions = data.cache.captions[:6]
+    text, lengths = pad_captions(tok.encode_batch(captions))
+    # The naive collate tokenises the strings with BERT: the same ids, mapped, padded to 32.
+    bert = collate_bert([(torch.zeros(3, 32, 32), [c]) for c in captions])
+    assert torch.equal(bert["lengths"], lengths)
+    assert torch.equal(bert["text"][:, : text.shape[1]], tok.wordpiece_ids[text])
+    assert torch.equal(bert_to_compact(tok)[bert["text"]][:, : text.shape[1]], text)
+
+    torch.manual_seed(0)
+    course = MultimodalVAE(dataclasses.replace(TINY, vocab_size=tok.vocab_size)).eval()
+    cls_id = int(tok.wordpiece_ids[1])  # BOS maps to BERT's [CLS]
+    naive = FullLogitsVAE(dataclasses.replace(TINY, vocab_size=BERT_VOCAB_SIZE), bos_id=cls_id)
+    with torch.no_grad():
+        state = {k: v for k, v in course.state_dict().items() if v.shape[0] != tok.vocab_size}
+        naive.load_state_dict(state, strict=False)
+        for name in ("text_encoder.embedding", "text_decoder.embedding", "text_decoder.out"):
+            small, big = course.get_submodule(name), naive.get_submodule(name)
+            big.weight[tok.wordpiece_ids] = small.weight
+        naive.text_decoder.out.bias.fill_(-torch.inf)
+        naive.text_decoder.out.bias[tok.wordpiece_ids] = course.text_decoder.out.bias
+    naive.eval()
+    image = torch.rand(6, 3, TINY.image_size, TINY.image_size)
+    terms = {}
+    for name, model, batch_text in (("course", course, text), ("naive", naive, bert["text"])):
+        torch.manual_seed(1)  # the same reparameterisation noise
+        terms[name] = model.loss({"image": image, "text": batch_text, "lengths": lengths})
+    for key in ("loss", "rec_text", "elbo_text", "elbo_joint"):
+        torch.testing.assert_close(terms["naive"][key], terms["course"][key], rtol=1e-5, atol=1e-4)
+    assert bert["text"].eq(PAD).any()  # the naive batch really carried padding that ignore_index dropped
+
+
+def test_levers_ladder_and_validation():
+    ladder = lever_ladder(["channels_last"])
+    assert ladder[0] == ("naive", NAIVE)
+    assert ladder[4][1] == COURSE
+    assert ladder[-1] == ("+ channels_last", dataclasses.replace(COURSE, channels_last=True))
+    with pytest.raises(ValueError, match="compact_vocab"):
+        Levers(real_token_logits=True)
+    with pytest.raises(ValueError, match="unknown lever"):
+        lever_ladder(["turbo"])
+
+
+def test_synthetic_captions_are_coco_like(data):
+    captions = synthetic_captions(400, n_words=300, seed=3)
+    counts = [len(ids) for ids in data.tokenizer.encode_batch(captions)]
+    assert counts == [len(c.split()) for c in captions]  # one wordpiece per word
+    assert 12.5 < sum(counts) / len(counts) < 15.0
+    assert len({w for c in captions for w in c.split()}) > 150  # a long tail, not a handful of words
+
+
+def test_synthetic_cache_serves_valid_batches():
+    cache = synthetic_cache(20, captions_per_image=5, vocab_size=50, image_size=32)
+    assert cache.images.dtype == torch.uint8 and len(cache) == 20 and cache.offsets.shape == (101,)
+    batch = next(iter(CacheLoader(cache, 8)))
+    assert batch["image"].shape == (8, 3, 32, 32)
+    assert bool((batch["text"] < 50).all()) and bool((batch["lengths"] >= 6).all())
+    assert torch.equal(batch["text"].gather(1, batch["lengths"][:, None] - 1).squeeze(1), torch.full((8,), 2))
+
+
+def test_compare_alternates_and_tabulates(data):
+    pipelines = [build_pipeline(lv, data, 4, model_config=TINY, name=n) for n, lv in (("naive", NAIVE),
+                                                                                      ("course", COURSE))]
+    results = compare(pipelines, rounds=2, steps=1, warmup=0)
+    assert [r.name for r in results] == ["naive", "course"] and all(len(r.rounds) == 2 for r in results)
+    assert all(min(r.rounds) <= r.samples_per_s <= max(r.rounds) for r in results)
+    table = format_table(results)
+    assert "| naive |" in table and table.splitlines()[2].endswith("| 1.00 |")
+
+
+def test_gpu_epoch_check_smoke_on_cpu():
+    check = gpu_epoch_check("cpu", steps=1, warmup=0, smoke=True)
+    assert check["samples_per_s"] > 0 and torch.isfinite(torch.tensor(check["loss"]))
+    assert check["epoch_captions_min"] == pytest.approx(5 * check["epoch_images_min"], rel=0.01)
+
+
+@pytest.mark.slow
+def test_gpu_check_command_smoke_on_cpu():
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_throughput.py"), "gpu",
+                           "--device", "cpu", "--smoke"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "projected epoch" in done.stdout and "| course |" in done.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_course_pipeline_bf16_on_cuda(data):
+    pipeline = build_pipeline(dataclasses.replace(COURSE, bf16=True), data, 4, "cuda", model_config=TINY)
+    pipeline.step()
+    assert torch.isfinite(torch.tensor(pipeline.last_loss))
