@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from mvae_course.data import text
+
 from mvae_course.data.text import (
     BERT_VOCAB_SIZE,
     BOS,
@@ -69,6 +71,13 @@ def test_round_trip_gives_the_normalised_caption(tok, caption):
 def test_encode_batch_matches_encode(tok):
     assert tok.encode_batch(CAPTIONS) == [tok.encode(c) for c in CAPTIONS]
     assert tok.encode_batch([]) == []
+
+
+def test_tokenising_in_chunks_changes_nothing(tok, monkeypatch):
+    whole = tok.encode_batch(CAPTIONS)
+    monkeypatch.setattr(text, "TOKENIZE_CHUNK", 2)  # several chunks, the last one short
+    assert tok.encode_batch(CAPTIONS) == whole
+    assert CaptionTokenizer.fit(CAPTIONS).wordpieces == tok.wordpieces
 
 
 def test_coco_mini_captions_round_trip():

@@ -18,7 +18,7 @@ import functools
 import json
 import os
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +87,16 @@ def normalise(caption: str) -> str:
     return _join([word for word, _ in words])
 
 
+TOKENIZE_CHUNK = 4096  # captions per batched BERT call: all of COCO at once would peak at ~2 GB
+
+
+def _wordpiece_ids(captions: list[str]) -> Iterator[list[int]]:
+    """BERT ids of each caption (no [CLS]/[SEP]), tokenised in chunks so memory stays flat on full COCO."""
+    bert = bert_tokenizer()
+    for start in range(0, len(captions), TOKENIZE_CHUNK):
+        yield from bert(captions[start : start + TOKENIZE_CHUNK], add_special_tokens=False)["input_ids"]
+
+
 class CaptionTokenizer:
     """Compact ids for the wordpieces of the training captions: PAD 0, BOS 1, EOS 2, UNK 3, content 4+.
 
@@ -121,11 +131,9 @@ class CaptionTokenizer:
         if min_count < 1:
             raise ValueError(f"min_count must be >= 1, got {min_count}")
         bert = bert_tokenizer()
-        captions = list(captions)
         counts: Counter[int] = Counter()
-        if captions:
-            for ids in bert(captions, add_special_tokens=False)["input_ids"]:
-                counts.update(ids)
+        for ids in _wordpiece_ids(list(captions)):
+            counts.update(ids)
         counts.pop(bert.unk_token_id, None)
         kept = sorted((b for b, n in counts.items() if n >= min_count), key=lambda b: (-counts[b], b))
         return cls(bert.convert_ids_to_tokens(kept))
@@ -161,10 +169,7 @@ class CaptionTokenizer:
 
     def encode_batch(self, captions: Sequence[str]) -> list[list[int]]:
         """Content ids of many captions, tokenised in one fast batched call."""
-        if not captions:
-            return []
-        ids = bert_tokenizer()(list(captions), add_special_tokens=False)["input_ids"]
-        return [[self._from_bert[b] for b in caption] for caption in ids]
+        return [[self._from_bert[b] for b in caption] for caption in _wordpiece_ids(list(captions))]
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of a list of ids: stops at the first EOS, drops the specials, glues "##" pieces."""
