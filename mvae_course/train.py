@@ -18,9 +18,11 @@ import csv
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -312,6 +314,27 @@ def _autocast(device: torch.device, amp: bool):
     return nullcontext()
 
 
+@contextmanager
+def _whole_step() -> Iterator[None]:
+    """Hold Ctrl-C until the block ends, so an update is applied whole or not at all.
+
+    Without this, an interrupt inside `optimizer.step()` would leave half-updated weights that the
+    interrupt handler then saves under the previous step number, and resuming would not be exact.
+    """
+    handler = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or handler is None:
+        yield  # signals can only be handled on the main thread
+        return
+    received: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    if received:
+        raise KeyboardInterrupt
+
+
 def _skip(batches: Iterator[Any], n: int) -> None:
     """Advance past the `n` batches a resumed run already trained on in this epoch."""
     for _ in range(n):
@@ -481,11 +504,12 @@ def train(
                         "stopped; the last good checkpoint is untouched. Try a lower train.lr or "
                         "train.amp=False"
                     )
-                optimizer.step()
-                scheduler.step()
-                step += 1
-                batch_in_epoch += 1
-                rng_after_step = rng_state()  # saved with this step, even if Ctrl-C comes mid-next-step
+                with _whole_step():
+                    optimizer.step()
+                    scheduler.step()
+                    step += 1
+                    batch_in_epoch += 1
+                    rng_after_step = rng_state()  # saved with this step, even if Ctrl-C comes mid-next-step
 
                 window_terms = values if window_terms is None else window_terms + values
                 window_steps += 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import shutil
 from pathlib import Path
 
@@ -194,6 +195,26 @@ def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(
     assert [(r["step"], r["split"]) for r in rows] == [
         (r["step"], r["split"]) for r in read_metrics(full_run["metrics"])
     ]  # rows logged after the checkpoint were dropped, not duplicated
+
+
+def test_ctrl_c_during_the_weight_update_still_resumes_exactly(full_run, tmp_path, data_dir, monkeypatch):
+    run = tmp_path / "run"
+    real_step = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def step_then_ctrl_c(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 9:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives in the middle of the update of step 9
+        return real_step(self, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.optim.AdamW, "step", step_then_ctrl_c)
+        with pytest.raises(KeyboardInterrupt):
+            train(small_config(), run, progress=False, data_dir=data_dir)
+    assert load_checkpoint(run / "last.pt")["step"] == 9  # the update finished, then Ctrl-C was honoured
+    result = train(small_config(), run, resume=True, progress=False, data_dir=data_dir)
+    assert same_weights(result["model"].state_dict(), full_run["model"].state_dict())
 
 
 # --- checkpoints ----------------------------------------------------------------------------------
