@@ -673,7 +673,8 @@ def run_train(args: argparse.Namespace) -> int:
         result = train(cfg, out, resume=args.resume, progress=not args.no_progress, data_dir=args.data_dir)
     except KeyboardInterrupt:
         return 130
-    except (NonFiniteLossError, CheckpointError, FileExistsError) as err:
+    except (NonFiniteLossError, CheckpointError, FileExistsError, FileNotFoundError, ValueError) as err:
+        # Bad input (a config, a data folder, a checkpoint): one clear line, not a traceback.
         print(f"error: {err}", file=sys.stderr)
         return 1
     if int(os.environ.get("RANK", "0")) == 0:
