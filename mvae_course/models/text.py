@@ -89,6 +89,15 @@ def _content(ids: list[int]) -> list[int]:
     return ids[: ids.index(EOS)] if EOS in ids else ids
 
 
+def check_vocab_size(config: ModelConfig) -> None:
+    """A clear error for a text network built before the vocabulary size was set from the tokenizer."""
+    if config.vocab_size <= UNK:
+        raise ValueError(
+            f"ModelConfig.vocab_size is {config.vocab_size}; set it from the tokenizer "
+            "(len(tokenizer)) before building the model"
+        )
+
+
 class TextEncoder(nn.Module):
     """q(z | y): embeddings and a bidirectional GRU over the packed caption; its two final states give
     mu and logvar.
@@ -98,11 +107,7 @@ class TextEncoder(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        if config.vocab_size <= UNK:
-            raise ValueError(
-                f"ModelConfig.vocab_size is {config.vocab_size}; set it from the tokenizer "
-                "(len(tokenizer)) before building the model"
-            )
+        check_vocab_size(config)
         self.embedding = nn.Embedding(config.vocab_size, config.emb_dim, padding_idx=PAD)
         self.gru = nn.GRU(config.emb_dim, config.enc_hidden, batch_first=True, bidirectional=True)
         self.to_params = nn.Linear(2 * config.enc_hidden, 2 * config.z_dim)
@@ -128,11 +133,7 @@ class TextDecoder(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        if config.vocab_size <= UNK:
-            raise ValueError(
-                f"ModelConfig.vocab_size is {config.vocab_size}; set it from the tokenizer "
-                "(len(tokenizer)) before building the model"
-            )
+        check_vocab_size(config)
         self.embedding = nn.Embedding(config.vocab_size, config.emb_dim, padding_idx=PAD)
         self.init_hidden = nn.Linear(config.z_dim, config.dec_hidden)
         self.gru = nn.GRU(config.emb_dim + config.z_dim, config.dec_hidden, batch_first=True)
