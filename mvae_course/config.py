@@ -161,13 +161,19 @@ def _tiny() -> Config:
 
 
 def _cpu() -> Config:
+    # Sized for shapes level 4 on 2 CPU cores (benchmarks/README.md, "Quality"): 32 px keeps all four
+    # attributes readable at 40% of 64 px's cost per step, and the image decoder, the costliest network,
+    # is narrow. text_weight = 10 makes z carry what captions name (shape, size, colour, position)
+    # rather than the pixel detail that dominates an unweighted image likelihood. 4000 steps of the
+    # costliest fusion (mopoe, ~0.15 CPU s/step) fit 15 minutes of one core with room to spare.
     return Config(
         name="cpu",
-        data=DataConfig(dataset="shapes", level=4, n_train=4000, n_val=500, image_size=64),
+        data=DataConfig(dataset="shapes", level=4, n_train=4000, n_val=500, image_size=32),
         model=ModelConfig(
-            image_size=64, image_channels=(32, 64, 128), z_dim=32, emb_dim=64, enc_hidden=128, dec_hidden=128
+            image_size=32, image_channels=(16, 32, 64), z_dim=32, emb_dim=64, enc_hidden=128, dec_hidden=128,
+            text_weight=10.0,
         ),
-        train=TrainConfig(batch_size=64, lr=2e-3, max_steps=3000, kl_warmup_steps=1000),
+        train=TrainConfig(batch_size=64, lr=2e-3, max_steps=4000, kl_warmup_steps=800),
     )
 
 
