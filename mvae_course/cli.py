@@ -31,40 +31,18 @@ def _prepare(args: argparse.Namespace) -> int:
     if args.tokenizer:
         tokenizer = CaptionTokenizer.load(args.tokenizer)
     else:
-        tokenizer = CaptionTokenizer.fit(read_captions(args.root, args.fit_split), min_count=args.min_count)
+        fit_split = args.fit_split or args.split
+        tokenizer = CaptionTokenizer.fit(read_captions(args.root, fit_split), min_count=args.min_count)
         tokenizer_path = Path(args.out).with_suffix(".tokenizer.json")
+        tokenizer_path.parent.mkdir(parents=True, exist_ok=True)
         tokenizer.save(tokenizer_path)
-        print(f"fitted a {tokenizer.vocab_size}-token vocabulary on {args.fit_split}; saved to {tokenizer_path}")
+        print(f"fitted a {tokenizer.vocab_size}-token vocabulary on {fit_split}; saved to {tokenizer_path}")
     out = prepare_cache(
         args.root, args.split, args.out, image_size=args.image_size, tokenizer=tokenizer,
         workers=args.workers, on_bad_image=args.on_bad_image,
     )
     print(f"wrote the cache to {out}")
     return 0
-
-
-def _train(args: argparse.Namespace) -> int:
-    from mvae_course.train import run_train
-
-    return run_train(args) or 0
-
-
-def _evaluate(args: argparse.Namespace) -> int:
-    from mvae_course.evaluate import run_evaluate
-
-    return run_evaluate(args) or 0
-
-
-def _compare(args: argparse.Namespace) -> int:
-    from mvae_course.compare import run_compare
-
-    return run_compare(args) or 0
-
-
-def _course(args: argparse.Namespace) -> int:
-    from mvae_course.course import run_course
-
-    return run_course(args) or 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,23 +70,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-bad-image", choices=["raise", "skip"], default="raise")
     p.set_defaults(func=_prepare)
 
-    from mvae_course.train import add_train_arguments
+    from mvae_course.compare import add_compare_arguments, run_compare
+    from mvae_course.course import run_course
+    from mvae_course.evaluate import add_evaluate_arguments, run_evaluate
+    from mvae_course.train import add_train_arguments, run_train
 
     p = sub.add_parser("train", help="train a multimodal VAE")
     add_train_arguments(p)
-    p.set_defaults(func=_train)
-
-    from mvae_course.evaluate import add_evaluate_arguments
+    p.set_defaults(func=run_train)
 
     p = sub.add_parser("evaluate", help="measure a trained run: coherence, retrieval, caption metrics, IWAE")
     add_evaluate_arguments(p)
-    p.set_defaults(func=_evaluate)
-
-    from mvae_course.compare import add_compare_arguments
+    p.set_defaults(func=run_evaluate)
 
     p = sub.add_parser("compare", help="train every fusion with the same budget and tabulate the metrics")
     add_compare_arguments(p)
-    p.set_defaults(func=_compare)
+    p.set_defaults(func=run_compare)
 
     from mvae_course.grading.cli import (
         add_exercises_arguments, add_grade_arguments, run_exercises, run_grade,
@@ -126,14 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="build", help="where figures and runs go")
     p.add_argument("--preset", default="cpu", help="tiny for a smoke run, cpu for the real thing")
     p.add_argument("--max-steps", type=int, help="override the preset's training budget")
-    p.set_defaults(func=_course)
+    p.set_defaults(func=run_course)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "fit_split", "unset") is None:
-        args.fit_split = args.split
     return args.func(args)
 
 

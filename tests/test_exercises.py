@@ -11,7 +11,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from mvae_course.grading.cli import main, run_exercises
+from mvae_course.cli import main
+from mvae_course.grading.cli import run_exercises
 from mvae_course.grading.exercises import BEGIN, END, build_exercises, stale_exercises, strip_solutions
 from mvae_course.grading.registry import NOTEBOOKS
 

@@ -12,7 +12,7 @@ import nbformat
 import pytest
 import torch
 
-from mvae_course.grading import cli
+from mvae_course import cli
 from mvae_course.grading.fusion_checks import SAMPLE_MIXTURE
 from mvae_course.grading.grader import identify
 from mvae_course.grading.question import ReferenceJudge, compare, run_in_process

@@ -82,20 +82,3 @@ def run_grade(args: argparse.Namespace) -> int:
         print(f"wrote {args.json}")
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m mvae_course.grading.cli {exercises,grade} ...`, the same commands standalone."""
-    parser = argparse.ArgumentParser(prog="python -m mvae_course.grading.cli")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("exercises", help="build or check exercises/ from solutions/")
-    add_exercises_arguments(p)
-    p.set_defaults(func=run_exercises)
-    p = sub.add_parser("grade", help="grade submitted exercise notebooks")
-    add_grade_arguments(p)
-    p.set_defaults(func=run_grade)
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
