@@ -16,7 +16,9 @@ from mvae_course.data.shapes import (
     ATTRIBUTE_VALUES,
     COLOUR_RGB,
     FIXED_RGB,
+    JITTER,
     LEVELS,
+    POSITION_CENTRE,
     POSITIONS,
     attributes_at_level,
     ensure_shapes,
@@ -104,6 +106,19 @@ def test_same_seed_same_bytes(tmp_path, shapes_by_level):
 def nearest_colour(rgb: np.ndarray) -> str:
     palette = COLOUR_RGB | {"white": FIXED_RGB}
     return min(palette, key=lambda c: np.abs(np.array(palette[c]) - rgb).sum())
+
+
+def test_objects_move_inside_their_quadrant_by_the_same_jitter_at_every_size(shapes_by_level):
+    offsets: dict[str, list[float]] = {"small": [], "large": []}
+    for info in images(shapes_by_level[4]):
+        (obj,) = info["objects"]
+        centre = np.array(POSITION_CENTRE[obj["position"]]) * SIZE
+        offsets[obj["size"]] += (np.abs(np.array(obj["center"]) - centre) / SIZE).tolist()
+        radius = obj["diameter"] / 2 / SIZE
+        assert all(radius <= c <= 0.5 - radius for c in np.array(obj["center"]) / SIZE % 0.5), obj  # in its quadrant
+    for size, values in offsets.items():
+        assert max(values) <= JITTER + 0.01 / SIZE, size  # centres are rounded to 0.01 px
+        assert max(values) > JITTER / 2, size  # and they do move, small objects as much as large ones
 
 
 @pytest.mark.parametrize("level", LEVELS)
