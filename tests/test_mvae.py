@@ -202,13 +202,12 @@ def test_iwae_rises_with_k_and_text_is_a_log_probability(fusion):
     model = tiny_model(fusion, word_dropout=0.5)
     batch = synthetic_batch()
     torch.manual_seed(0)
-    k1 = model.iwae(batch, k=1)
-    torch.manual_seed(0)
+    k1 = [model.iwae(batch, k=1) for _ in range(16)]  # the bound rises in expectation: average k = 1's noise
     k32 = model.iwae(batch, k=32, chunk_size=8)
     assert model.training, "iwae restores the training mode"
     for name in ("image", "text", "joint"):
         assert k32[name].shape == (B,) and torch.isfinite(k32[name]).all()
-        assert k32[name].mean() > k1[name].mean(), name
+        assert k32[name].mean() > torch.stack([e[name] for e in k1]).mean(), name
     assert (k32["text"] <= 0).all()  # a discrete probability
     if fusion == "independent":
         torch.testing.assert_close(k32["joint"], k32["image"] + k32["text"])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +21,7 @@ from mvae_course.data.text import (
     normalise,
     pad_captions,
 )
+from test_coco import need_coco_mini
 
 CAPTIONS = [
     "A man riding a wave on top of a surfboard.",
@@ -32,11 +32,6 @@ CAPTIONS = [
     "  leading and trailing spaces  ",
     "",
 ]
-
-
-def coco_mini_root() -> Path:
-    default = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco-mini"
-    return Path(os.environ.get("MVAE_COCO_MINI", default))
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +76,7 @@ def test_tokenising_in_chunks_changes_nothing(tok, monkeypatch):
 
 
 def test_coco_mini_captions_round_trip():
-    path = coco_mini_root() / "annotations" / "captions_train2017.json"
-    if not path.is_file():
-        pytest.skip(f"coco-mini not found at {path} (set MVAE_COCO_MINI to its folder)")
+    path = need_coco_mini() / "annotations" / "captions_train2017.json"
     captions = [a["caption"] for a in json.loads(path.read_text())["annotations"]]
     tok = CaptionTokenizer.fit(captions)
     decoded = tok.decode_batch(tok.encode_batch(captions))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import shutil
@@ -27,11 +28,8 @@ from mvae_course.train import (
     train,
     train_or_load,
 )
+from test_coco import need_coco_mini
 
-COCO_MINI = Path(
-    os.environ.get("MVAE_COCO_MINI", "")
-    or Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco-mini"
-)
 
 
 def small_config(**train_opts) -> Config:
@@ -324,12 +322,24 @@ def test_run_train_from_a_config_file(tmp_path, data_dir, capsys):
 
 
 @pytest.mark.slow
-def test_training_on_coco_captions(tmp_path):
-    if not (COCO_MINI / "annotations" / "captions_train2017.json").is_file():
-        pytest.skip(f"COCO sample not found at {COCO_MINI} (set MVAE_COCO_MINI to its folder)")
+def test_train_then_evaluate_on_coco_captions(tmp_path, capsys):
+    from mvae_course.cli import main
+
+    root = need_coco_mini()
     cfg = small_config(max_steps=3, eval_every=3).replace(
-        data={"dataset": "coco", "root": str(COCO_MINI), "train_split": "train2017", "val_split": "val2017"}
+        data={"dataset": "coco", "root": str(root), "train_split": "train2017", "val_split": "val2017"}
     )
     result = train(cfg, tmp_path / "run", progress=False, data_dir=tmp_path / "data")
     assert result["step"] == 3 and torch.isfinite(torch.tensor(result["val"]["loss"]))
     assert result["tokenizer"].vocab_size > 100  # real captions have a real vocabulary
+
+    # The COCO metrics from the command line: retrieval, caption metrics with the sentence model, IWAE.
+    assert main(["evaluate", "--run", str(tmp_path / "run"), "--data-dir", str(tmp_path / "data"), "--k", "2",
+                 "--device", "cpu", "--no-figures"]) == 0
+    assert "metrics_val.json" in capsys.readouterr().out
+    metrics = json.loads((tmp_path / "run" / "metrics_val.json").read_text())
+    assert metrics["dataset"] == "coco" and metrics["images"] == 79 and "coherence" not in metrics
+    assert 1 <= metrics["retrieval"]["image_to_text"]["median_rank"] <= 79
+    assert 0 <= metrics["caption_metrics"]["bleu4"] <= 100
+    assert -1 <= metrics["caption_metrics"]["semantic_similarity"] <= 1
+    assert metrics["log_likelihood"]["log_p_joint"] < 0
