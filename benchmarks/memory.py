@@ -25,7 +25,9 @@ import threading
 import time
 from pathlib import Path
 
-DEFAULT_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco-mini"
+from mvae_course.notebook import coco_mini_path
+
+DEFAULT_ROOT = coco_mini_path()
 MIB = 2**20
 
 

@@ -21,8 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from mvae_course.notebook import coco_mini_path
+
 PHASES = ("prepare", "cache", "decode")
-DEFAULT_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco-mini"
+DEFAULT_ROOT = coco_mini_path()
 
 
 def _splits(root: Path) -> list[str]:

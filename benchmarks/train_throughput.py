@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from mvae_course.config import preset
+from mvae_course.notebook import coco_mini_path
 from mvae_course.throughput import (
     COURSE,
     LEVERS,
@@ -38,7 +39,7 @@ from mvae_course.throughput import (
     make_synthetic_coco,
 )
 
-DEFAULT_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco-mini"
+DEFAULT_ROOT = coco_mini_path()
 
 
 def run_ladder(data, ladder: list[tuple[str, Levers]], args: argparse.Namespace, model_config=None) -> str:

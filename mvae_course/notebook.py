@@ -38,12 +38,17 @@ def runs_dir(smoke: bool) -> Path:
     return ROOT / "build" / "smoke" / "runs" if smoke else ROOT / "runs"
 
 
+def coco_mini_path() -> Path:
+    """Where the real COCO sample is looked for: `$MVAE_COCO_MINI`, else `../shared/data/coco-mini`."""
+    return Path(os.environ.get("MVAE_COCO_MINI", ROOT.parent / "shared" / "data" / "coco-mini"))
+
+
 def coco_mini() -> Path | None:
-    """The real COCO sample: `$MVAE_COCO_MINI`, else `../shared/data/coco-mini`; None when absent.
+    """The real COCO sample (`coco_mini_path()`); None when absent.
 
     Taught in notebooks/00_setup.ipynb.
     """
-    path = Path(os.environ.get("MVAE_COCO_MINI", ROOT.parent / "shared" / "data" / "coco-mini"))
+    path = coco_mini_path()
     return path if (path / "annotations").is_dir() else None
 
 

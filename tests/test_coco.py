@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -20,15 +19,13 @@ from mvae_course.data.coco import (
     read_captions,
 )
 from mvae_course.data.text import EOS, PAD, CaptionTokenizer
-
-DEFAULT_COCO_MINI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco-mini"
-COCO_MINI = Path(os.environ.get("MVAE_COCO_MINI", DEFAULT_COCO_MINI))
-
+from mvae_course.notebook import coco_mini_path
 
 def need_coco_mini() -> Path:
-    if not (COCO_MINI / "annotations" / "captions_val2017.json").is_file():
-        pytest.skip(f"coco-mini not found at {COCO_MINI} (set MVAE_COCO_MINI to its folder)")
-    return COCO_MINI
+    root = coco_mini_path()
+    if not (root / "annotations" / "captions_val2017.json").is_file():
+        pytest.skip(f"coco-mini not found at {root} (set MVAE_COCO_MINI to its folder)")
+    return root
 
 
 def write_coco(
