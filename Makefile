@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lab clean
+.PHONY: install run test test-fast lab clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,7 +17,11 @@ run: $(STAMP)
 	$(PY) -m mvae_course course --out build
 
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=15
+
+# The inner loop: unit tests only (no notebook runs, no kernels, nothing marked slow), well under a minute.
+test-fast: $(STAMP)
+	$(PY) -m pytest tests -m "not slow"
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks

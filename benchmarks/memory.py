@@ -125,7 +125,7 @@ def main() -> None:
         print(json.dumps({**row, **sampler.stop(), **_usage()}))
         return
 
-    from mvae_course.throughput import make_synthetic_coco
+    from mvae_course.data.synthetic import make_synthetic_coco
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

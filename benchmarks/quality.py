@@ -53,9 +53,9 @@ def train_timed(fusion: str, args: argparse.Namespace) -> dict[str, float | int 
                    data_dir=args.out / "data")
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     cost = {
-        "fusion": fusion, "steps": result["step"], "batch": cfg.train.batch_size,
+        "fusion": fusion, "steps": result.step, "batch": cfg.train.batch_size,
         "image px": cfg.data.image_size, "threads": torch.get_num_threads(),
-        "wall s": wall, "CPU s": cpu, "CPU s/step": cpu / max(result["step"], 1),
+        "wall s": wall, "CPU s": cpu, "CPU s/step": cpu / max(result.step, 1),
         "samples/s (logged)": mean_samples_per_s(run_dir / "metrics.csv"),
     }
     (run_dir / "cost.json").write_text(json.dumps(cost, indent=2) + "\n")

@@ -36,8 +36,8 @@ from mvae_course.throughput import (
     gpu_epoch_check,
     lever_ladder,
     load_train_data,
-    make_synthetic_coco,
 )
+from mvae_course.data.synthetic import make_synthetic_coco
 
 DEFAULT_ROOT = coco_mini_path()
 

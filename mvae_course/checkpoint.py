@@ -127,10 +127,7 @@ def _plain(value: Any) -> Any:
 
 
 def rng_state() -> dict[str, Any]:
-    """Every random generator a run draws from, as tensors and plain values.
-
-    Taught in notebooks/06_coco_training.ipynb.
-    """
+    """Every random generator a run draws from, as tensors and plain values."""
     _, keys, pos, has_gauss, gauss = np.random.get_state()
     return {
         "python": random.getstate(),
@@ -142,7 +139,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what `rng_state` saved. Taught in notebooks/06_coco_training.ipynb."""
+    """Restore what `rng_state` saved."""
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     n = state["numpy"]

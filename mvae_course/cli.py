@@ -1,33 +1,42 @@
-"""The command line: `python -m mvae_course COMMAND ...`.
+"""The command line: `mvae-course COMMAND ...` (or `python -m mvae_course COMMAND ...`).
 
-Taught in notebooks/00_setup.ipynb. Each command is a thin layer over a package function, so what a
-learner runs in a notebook and what an engineer runs in a shell are the same code.
-
-Each command's arguments are declared by the module that runs it (`add_*_arguments`), so a flag is
-defined once, next to the code that reads it.
+Each command is a thin layer over a package function, so what a learner runs in a notebook and what an
+engineer runs in a shell are the same code. Every option of every command is declared here, next to the
+function that turns it into a call.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+from typing import Any
+
+from mvae_course.checkpoint import CheckpointError
+from mvae_course.compare import compare
+from mvae_course.config import FUSIONS, PRESETS, Config, preset
+from mvae_course.data.cache import prepare_cache, read_captions
+from mvae_course.data.shapes import write_shapes
+from mvae_course.data.text import CaptionTokenizer
+from mvae_course.evaluate import evaluate_run
+from mvae_course.grading.cli import add_exercises_arguments, add_grade_arguments, run_exercises, run_grade
+from mvae_course.train import NonFiniteLossError, train
 
 
-def _shapes(args: argparse.Namespace) -> int:
-    from mvae_course.data.shapes import write_shapes
+# --- shapes, prepare: data ------------------------------------------------------------------------
 
+
+def run_shapes(args: argparse.Namespace) -> int:
     out = write_shapes(
-        args.out, n_train=args.train, n_val=args.val, level=args.level, seed=args.seed, image_size=args.image_size
+        args.out, n_train=args.train, n_val=args.val, level=args.level, seed=args.seed,
+        image_size=args.image_size,
     )
     print(f"wrote the shapes data set (level {args.level}) to {out}")
     return 0
 
 
-def _prepare(args: argparse.Namespace) -> int:
-    from mvae_course.data.cache import prepare_cache, read_captions
-    from mvae_course.data.text import CaptionTokenizer
-
+def run_prepare(args: argparse.Namespace) -> int:
     if args.tokenizer:
         tokenizer = CaptionTokenizer.load(args.tokenizer)
     else:
@@ -45,18 +54,139 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- train ----------------------------------------------------------------------------------------
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `mvae-course train`."""
+    parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS),
+                        help="named configuration to start from (default: cpu)")
+    parser.add_argument("--config", type=Path, help="a config .json/.yaml file; replaces --preset")
+    parser.add_argument("--data", choices=["shapes", "coco"], help="data set (default: the preset's)")
+    parser.add_argument("--root", type=Path, help="data folder (COCO 2017 layout); shapes are written there")
+    parser.add_argument("--fusion", choices=FUSIONS, help="how the experts are fused")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--max-steps", type=int, help="optimiser steps to train for")
+    budget.add_argument("--epochs", type=int, help="passes over the training split (instead of --max-steps)")
+    parser.add_argument("--seed", type=int, help="random seed (default: the preset's)")
+    parser.add_argument("--device", help="auto, cpu, cuda, cuda:1, mps (default: auto)")
+    parser.add_argument("--out", type=Path, help="run folder (default: runs/<preset>-<data>-<fusion>)")
+    parser.add_argument("--data-dir", type=Path, default=Path("data"),
+                        help="where generated shapes data and caches go (default: ./data)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The config the command-line options describe."""
+    cfg = Config.load(args.config) if args.config else preset(args.preset)
+    data: dict[str, Any] = {}
+    if args.data and args.data != cfg.data.dataset:
+        splits = ("train2017", "val2017") if args.data == "coco" else ("train", "val")
+        data.update(dataset=args.data, train_split=splits[0], val_split=splits[1])
+    if args.root:
+        data["root"] = str(args.root)
+    train_opts: dict[str, Any] = {}
+    if args.max_steps is not None:
+        train_opts.update(max_steps=args.max_steps, epochs=None)
+    if args.epochs is not None:
+        train_opts.update(max_steps=None, epochs=args.epochs)
+    if args.seed is not None:
+        train_opts["seed"] = args.seed
+    if args.device:
+        train_opts["device"] = args.device
+    return cfg.replace(data=data, model={"fusion": args.fusion} if args.fusion else {}, train=train_opts)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Run `mvae-course train`; returns the exit status."""
+    cfg = config_from_args(args)
+    out = args.out or Path("runs") / f"{cfg.name}-{cfg.data.dataset}-{cfg.model.fusion}"
+    try:
+        result = train(cfg, out, resume=args.resume, progress=not args.no_progress, data_dir=args.data_dir)
+    except KeyboardInterrupt:
+        return 130
+    except (NonFiniteLossError, CheckpointError, FileExistsError, FileNotFoundError, ValueError) as err:
+        # Bad input (a config, a data folder, a checkpoint): one clear line, not a traceback.
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if int(os.environ.get("RANK", "0")) == 0:
+        val = ", ".join(f"{k} {v:.4g}" for k, v in result.val.items())
+        print(f"trained {result.step} steps; validation: {val}")
+        print(f"run folder: {result.out_dir} (last.pt, best.pt, metrics.csv)")
+    return 0
+
+
+# --- evaluate, compare ----------------------------------------------------------------------------
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `mvae-course evaluate`."""
+    parser.add_argument("--run", type=Path, required=True, help="a run folder written by `train`")
+    parser.add_argument("--split", default="val", choices=["train", "val"], help="which split (default: val)")
+    parser.add_argument("--device", help="auto, cpu, cuda, mps (default: auto)")
+    parser.add_argument("--n", type=int, help="evaluate on the first N images only")
+    parser.add_argument("--k", type=int, default=16, help="importance samples per IWAE estimate (default 16)")
+    parser.add_argument("--data-dir", type=Path,
+                        help="where the run's data and caches are (default: RUN/data if present, else data)")
+    parser.add_argument("--no-figures", action="store_true", help="skip the figures")
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """Run `mvae-course evaluate`; returns the exit status."""
+    metrics = evaluate_run(args.run, split=args.split, device=args.device, n=args.n, k=args.k,
+                           data_dir=args.data_dir, figures=not args.no_figures)
+    print(f"wrote {Path(args.run) / f'metrics_{args.split}.json'}")
+    return 0 if metrics else 1
+
+
+def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `mvae-course compare`."""
+    parser.add_argument("--data", default="shapes", choices=["shapes", "coco"], help="default: shapes")
+    parser.add_argument("--level", type=int, default=4, help="shapes difficulty 1-5 (default: 4)")
+    parser.add_argument("--fusions", nargs="+", default=list(FUSIONS), choices=list(FUSIONS),
+                        help="fusions to compare (default: all)")
+    parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="default: cpu")
+    parser.add_argument("--max-steps", type=int, help="training steps per fusion (default: the preset's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("runs/compare"), help="default: runs/compare")
+    parser.add_argument("--root", type=Path, help="COCO 2017 folder (for --data coco)")
+    parser.add_argument("--data-dir", type=Path, help="shared data and caches (default: OUT/data)")
+    parser.add_argument("--device", help="auto, cpu, cuda, mps (default: auto)")
+    parser.add_argument("--n", type=int, help="evaluate on the first N validation images only")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    """Run `mvae-course compare`; returns the exit status."""
+    compare(data=args.data, level=args.level, fusions=args.fusions, preset=args.preset,
+            max_steps=args.max_steps, seed=args.seed, out=args.out, data_dir=args.data_dir, root=args.root,
+            device=args.device, n=args.n, progress=not args.no_progress)
+    return 0
+
+
+# --- course ---------------------------------------------------------------------------------------
+
+
+def run_course(args: argparse.Namespace) -> int:
+    # Jupyter (papermill, ipykernel) is needed by this command only: every other one runs without it.
+    from mvae_course.course import run_course as run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m mvae_course", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="mvae-course", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("shapes", help="write the built-in synthetic image-caption set in COCO's format")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--train", type=int, default=2000, help="training images")
     p.add_argument("--val", type=int, default=200, help="validation images")
-    p.add_argument("--level", type=int, default=4, help="1 shape, 2 +size, 3 +colour, 4 +position, 5 +clutter")
+    p.add_argument("--level", type=int, default=4, help="1 shape, 2 +size, 3 +colour, 4 +position, 5 +object")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=64)
-    p.set_defaults(func=_shapes)
+    p.set_defaults(func=run_shapes)
 
     p = sub.add_parser("prepare", help="decode images once into the preprocessing cache training reads")
     p.add_argument("--root", required=True, help="COCO-style folder (annotations/captions_<split>.json)")
@@ -68,12 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-count", type=int, default=1, help="rarer wordpieces map to UNK")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--on-bad-image", choices=["raise", "skip"], default="raise")
-    p.set_defaults(func=_prepare)
-
-    from mvae_course.compare import add_compare_arguments, run_compare
-    from mvae_course.course import run_course
-    from mvae_course.evaluate import add_evaluate_arguments, run_evaluate
-    from mvae_course.train import add_train_arguments, run_train
+    p.set_defaults(func=run_prepare)
 
     p = sub.add_parser("train", help="train a multimodal VAE")
     add_train_arguments(p)
@@ -86,10 +211,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="train every fusion with the same budget and tabulate the metrics")
     add_compare_arguments(p)
     p.set_defaults(func=run_compare)
-
-    from mvae_course.grading.cli import (
-        add_exercises_arguments, add_grade_arguments, run_exercises, run_grade,
-    )
 
     p = sub.add_parser("exercises", help="build exercises/ from solutions/, or check it is up to date")
     add_exercises_arguments(p)

@@ -9,16 +9,17 @@ interrupted one resumed), evaluates each with `evaluate_run`, and writes one tab
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mvae_course import plots
 from mvae_course.config import FUSIONS, Config
 from mvae_course.config import preset as load_preset
 from mvae_course.evaluate import evaluate_run, flatten
+from mvae_course.train import train
 
 # The table's columns: (name in the table, key of the flattened metrics). Missing ones are left out.
 SHAPES_COLUMNS = (
@@ -47,10 +48,7 @@ COCO_COLUMNS = (
 
 def comparison_config(data: str = "shapes", level: int = 4, fusion: str = "poe", preset_name: str = "cpu",
                       max_steps: int | None = None, seed: int = 0, root: str | Path | None = None) -> Config:
-    """The config of one fusion's run: a preset with the data, fusion, budget and seed set.
-
-    Taught in notebooks/07_evaluation.ipynb.
-    """
+    """The config of one fusion's run: a preset with the data, fusion, budget and seed set."""
     cfg = load_preset(preset_name)
     data_opts: dict[str, Any] = {"dataset": data}
     if data == "shapes":
@@ -105,9 +103,6 @@ def compare(data: str = "shapes", level: int = 4, fusions: Sequence[str] = FUSIO
     `data_dir` holds the data and caches all runs share (default `out/data`); `n` limits evaluation to
     the first n validation images. Taught in notebooks/07_evaluation.ipynb.
     """
-    from mvae_course import plots
-    from mvae_course.train import train
-
     unknown = [f for f in fusions if f not in FUSIONS]
     if unknown or not fusions:
         raise ValueError(f"fusions must be a non-empty subset of {FUSIONS}, got {list(fusions)}")
@@ -136,28 +131,3 @@ def compare(data: str = "shapes", level: int = 4, fusions: Sequence[str] = FUSIO
     print(markdown)
     print(f"wrote {out / 'compare.md'}, compare.csv, compare.json, compare.png")
     return rows
-
-
-def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of `python -m mvae_course compare`. Taught in notebooks/07_evaluation.ipynb."""
-    parser.add_argument("--data", default="shapes", choices=["shapes", "coco"], help="data set (default: shapes)")
-    parser.add_argument("--level", type=int, default=4, help="shapes difficulty 1-5 (default: 4)")
-    parser.add_argument("--fusions", nargs="+", default=list(FUSIONS), choices=list(FUSIONS),
-                        help="fusions to compare (default: all)")
-    parser.add_argument("--preset", default="cpu", choices=["tiny", "cpu", "coco_gpu"], help="default: cpu")
-    parser.add_argument("--max-steps", type=int, help="training steps per fusion (default: the preset's)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("runs/compare"), help="default: runs/compare")
-    parser.add_argument("--root", type=Path, help="COCO 2017 folder (for --data coco)")
-    parser.add_argument("--data-dir", type=Path, help="shared data and caches (default: OUT/data)")
-    parser.add_argument("--device", help="auto, cpu, cuda, mps (default: auto)")
-    parser.add_argument("--n", type=int, help="evaluate on the first N validation images only")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def run_compare(args: argparse.Namespace) -> int:
-    """Run `python -m mvae_course compare`; returns the exit status. Taught in notebooks/07_evaluation.ipynb."""
-    compare(data=args.data, level=args.level, fusions=args.fusions, preset=args.preset, max_steps=args.max_steps,
-            seed=args.seed, out=args.out, data_dir=args.data_dir, root=args.root, device=args.device, n=args.n,
-            progress=not args.no_progress)
-    return 0

@@ -1,7 +1,5 @@
 """The whole course end to end: every lesson executed with papermill, then exported to HTML.
 
-Taught in notebooks/00_setup.ipynb.
-
 `python -m mvae_course course --out build` runs `notebooks/NN_*.ipynb` in order into `build/notebooks/`,
 exports each to `build/html/` with an `index.html` linking them, and says where to look. Each lesson is
 run in this very Python (whatever Jupyter kernels are installed), from the `notebooks/` folder, with its
@@ -54,8 +52,6 @@ class _ThisPythonSpecs(KernelSpecManager):
 
 class ThisPythonKernelManager(AsyncKernelManager):
     """A kernel manager that ignores installed kernelspecs, so a user-level `python3` cannot shadow the venv.
-
-    Taught in notebooks/00_setup.ipynb.
     """
 
     @default("kernel_spec_manager")
@@ -64,10 +60,7 @@ class ThisPythonKernelManager(AsyncKernelManager):
 
 
 def lesson_notebooks(folder: str | Path = NOTEBOOKS) -> list[Path]:
-    """The lessons `NN_name.ipynb` in `folder`, in course order.
-
-    Taught in notebooks/00_setup.ipynb.
-    """
+    """The lessons `NN_name.ipynb` in `folder`, in course order."""
     return sorted(Path(folder).glob("[0-9][0-9]_*.ipynb"))
 
 
@@ -75,8 +68,6 @@ def execute_notebook(
     path: str | Path, out: str | Path, parameters: Mapping[str, Any] | None = None, timeout: int | None = None
 ) -> nbformat.NotebookNode:
     """Run a notebook with papermill from its own folder, writing the executed copy to `out`.
-
-    Taught in notebooks/00_setup.ipynb.
 
     `parameters` override the notebook's `parameters` cell. Raises papermill's `PapermillExecutionError`
     when a cell fails; `out` then holds the outputs up to and including the failing cell.
@@ -94,8 +85,6 @@ def execute_notebook(
 
 def strip_run_metadata(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
     """Drop what a run adds beside the outputs (papermill's records, timings); keep kernelspec and cell tags.
-
-    Taught in notebooks/00_setup.ipynb.
     """
     nb.metadata = nbformat.from_dict({k: v for k, v in nb.metadata.items() if k in KEEP_NOTEBOOK_METADATA})
     for cell in nb.cells:
@@ -107,7 +96,7 @@ def strip_run_metadata(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
 def execute_in_place(path: str | Path, parameters: Mapping[str, Any] | None = None) -> Path:
     """Execute a lesson (default parameters unless given) and save it over itself with clean metadata.
 
-    Taught in notebooks/00_setup.ipynb. What a lesson's author runs before committing it.
+    What a lesson's author runs before committing it.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.executing.ipynb")
@@ -120,10 +109,7 @@ def execute_in_place(path: str | Path, parameters: Mapping[str, Any] | None = No
 
 
 def export_html(notebook: str | Path, out: str | Path) -> Path:
-    """Write an executed notebook as a standalone HTML page.
-
-    Taught in notebooks/00_setup.ipynb.
-    """
+    """Write an executed notebook as a standalone HTML page."""
     from nbconvert import HTMLExporter
 
     body, _ = HTMLExporter().from_notebook_node(nbformat.read(notebook, as_version=4))
@@ -135,8 +121,6 @@ def export_html(notebook: str | Path, out: str | Path) -> Path:
 
 def lesson_title(path: str | Path) -> str:
     """The lesson's title: the first line of its first cell if that is a Markdown heading, else the file name.
-
-    Taught in notebooks/00_setup.ipynb.
     """
     cells = nbformat.read(path, as_version=4).cells
     first = cells[0] if cells and cells[0].cell_type == "markdown" else None
@@ -161,8 +145,6 @@ def run_notebooks(
     notebooks: list[Path], out: str | Path, parameters: Mapping[str, Any] | None = None
 ) -> dict[str, str | None]:
     """Execute each notebook into `out/notebooks/`, export it to `out/html/`, and write `out/html/index.html`.
-
-    Taught in notebooks/00_setup.ipynb.
 
     A failing lesson does not stop the others (lessons train or load their own models). Returns
     {notebook name: None if it ran, else the error}; failed lessons are exported too, up to the failure.
@@ -193,10 +175,7 @@ def run_notebooks(
 
 
 def run_course(args: argparse.Namespace) -> int:
-    """`python -m mvae_course course --out build [--preset tiny|cpu] [--max-steps N]`: run every lesson.
-
-    Taught in notebooks/00_setup.ipynb.
-    """
+    """`python -m mvae_course course --out build [--preset tiny|cpu] [--max-steps N]`: run every lesson."""
     if args.preset not in SMOKE_PRESETS + CPU_PRESETS:
         raise SystemExit(
             f"--preset {args.preset!r}: the course runs on the built-in data with 'cpu' (the lessons' "

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mvae_course.config import Config, preset
+from mvae_course.runs import train_or_load
+from mvae_course.train import TrainResult
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -33,7 +35,7 @@ def data_dir(smoke: bool) -> Path:
 def runs_dir(smoke: bool) -> Path:
     """Where lessons save trained runs (checkpoints, metrics): `runs/`, or `build/smoke/runs/` in smoke mode.
 
-    Taught in notebooks/00_setup.ipynb.
+    Taught in notebooks/02_image_vae.ipynb.
     """
     return ROOT / "build" / "smoke" / "runs" if smoke else ROOT / "runs"
 
@@ -70,6 +72,18 @@ def lesson_config(
     config = preset("tiny" if smoke else "cpu")
     overrides = {"max_steps": max_steps, "seed": seed, "device": device}
     return config.replace(train={k: v for k, v in overrides.items() if v is not None})
+
+
+def trained(config: Config, out: str | Path, smoke: bool) -> TrainResult:
+    """A lesson's model: "load if present, else train" into `out`, with one line saying which and how long.
+
+    Taught in notebooks/02_image_vae.ipynb. A finished run loads, an interrupted one resumes, a new one
+    trains; the data and caches go under `data_dir(smoke)`. The model comes back in eval mode.
+    """
+    result = train_or_load(config, out, data_dir=data_dir(smoke))
+    print(f"{relative(out)}: {result.step} steps, ready in {result.seconds:.0f} s")
+    result.model.eval()
+    return result
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:

@@ -53,6 +53,14 @@ def gaussian_log_prob(x: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
     return -0.5 * (LOG_2PI + logvar + (x - mu) ** 2 * torch.exp(-logvar)).sum(-1)
 
 
+def log_standard_normal(z: Tensor) -> Tensor:
+    """log p(z) under the prior N(0, I), summed over the last dimension.
+
+    z: ... x D. Returns ... .
+    """
+    return -0.5 * (LOG_2PI + z**2).sum(-1)
+
+
 def kl_normal(mu_q: Tensor, logvar_q: Tensor, mu_p: Tensor, logvar_p: Tensor) -> Tensor:
     """KL(N(mu_q, var_q) || N(mu_p, var_p)) between diagonal Gaussians, in closed form.
 
@@ -191,9 +199,7 @@ def log_importance_weights(log_px_given_z: Tensor, z: Tensor, mu: Tensor, logvar
 
     log_px_given_z: K x B, z: K x B x D (samples from q), mu, logvar: B x D. Returns K x B.
     """
-    log_pz = gaussian_log_prob(z, torch.zeros_like(z), torch.zeros_like(z))
-    log_qz = gaussian_log_prob(z, mu, logvar)
-    return log_px_given_z + log_pz - log_qz
+    return log_px_given_z + log_standard_normal(z) - gaussian_log_prob(z, mu, logvar)
 
 
 def iwae_bound(log_w: Tensor) -> Tensor:

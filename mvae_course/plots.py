@@ -21,6 +21,8 @@ from matplotlib.figure import Figure
 from torch import Tensor
 from torchvision.utils import make_grid
 
+from mvae_course.metrics_log import read_metrics
+
 _LOSS_SPLITS = ("train", "val")
 _NOT_TERMS = {"epoch", "lr", "beta", "samples_per_s"}  # logged beside the loss terms, not loss terms
 
@@ -28,8 +30,6 @@ _NOT_TERMS = {"epoch", "lr", "beta", "samples_per_s"}  # logged beside the loss 
 def _read_metrics(metrics: str | Path | Mapping[str, Sequence] | Sequence[Mapping[str, Any]]) -> list[dict]:
     """Rows of a metrics log: a CSV path, a list of row dicts, or a column mapping (a DataFrame works)."""
     if isinstance(metrics, (str, Path)):
-        from mvae_course.train import read_metrics
-
         return read_metrics(metrics)
     if isinstance(metrics, Mapping) or hasattr(metrics, "to_dict"):
         columns = metrics.to_dict("list") if hasattr(metrics, "to_dict") else metrics
@@ -115,6 +115,28 @@ def image_grid(images: Tensor, nrow: int = 8, title: str = "Images") -> Figure:
     return fig
 
 
+def image_rows(rows: Mapping[str, Tensor], title: str, column_labels: Sequence[str] | None = None) -> Figure:
+    """One labelled row of images per entry of `rows` ({label: N x 3 x H x W in [0, 1]}), in one figure.
+
+    Taught in notebooks/02_image_vae.ipynb.
+
+    For images beside their reconstructions, or decodings along a path; `column_labels` name the columns.
+    """
+    fig, axes = plt.subplots(len(rows), 1, figsize=(12, 1.25 * len(rows) + 0.5), squeeze=False,
+                             layout="constrained")
+    for ax, (label, images) in zip(axes[:, 0], rows.items()):
+        grid = make_grid(images.detach().float().cpu().clamp(0, 1), nrow=images.shape[0], padding=2, pad_value=1.0)
+        ax.imshow(grid.permute(1, 2, 0).numpy())
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if column_labels is not None:
+        side = grid.shape[2] / len(column_labels)
+        axes[-1, 0].set_xticks([side * (k + 0.5) for k in range(len(column_labels))], column_labels, fontsize=8)
+    fig.suptitle(title)
+    return fig
+
+
 def _wrap(caption: str, width: int = 40) -> str:
     return "\n".join(textwrap.wrap(caption, width)) or "(empty)"
 
@@ -124,7 +146,7 @@ def plot_cross_modal(images: Tensor, captions_true: Sequence[str], captions_gene
     """Inputs beside outputs: each row shows an image, its caption, the caption generated from the image,
     and the image generated from the caption.
 
-    images, generated_images: B x 3 x H x W in [0, 1]. Taught in notebooks/04_fusion.ipynb.
+    images, generated_images: B x 3 x H x W in [0, 1]. Taught in notebooks/07_evaluation.ipynb.
     """
     b = images.shape[0]
     if not (len(captions_true) == len(captions_generated) == generated_images.shape[0] == b):
@@ -211,7 +233,7 @@ def plot_latent_2d(z: Tensor, labels: Sequence[Any] | None = None, label_name: s
                    title: str = "Latent space (PCA)") -> Figure:
     """Project latent means (N x D) to 2-D with PCA (`torch.pca_lowrank`), one colour per label value.
 
-    Taught in notebooks/04_fusion.ipynb.
+    Taught in notebooks/07_evaluation.ipynb.
     """
     if z.dim() != 2 or z.shape[0] < 2:
         raise ValueError(f"z must be N x D with N >= 2, got shape {tuple(z.shape)}")
@@ -239,10 +261,7 @@ def plot_latent_2d(z: Tensor, labels: Sequence[Any] | None = None, label_name: s
 
 
 def save_figure(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
-    """Write a figure (format from the suffix, e.g. .png or .pdf), creating folders, and close it.
-
-    Taught in notebooks/07_evaluation.ipynb.
-    """
+    """Write a figure (format from the suffix, e.g. .png or .pdf), creating folders, and close it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi, bbox_inches="tight")

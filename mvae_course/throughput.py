@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
-import json
 import math
 import random
 import time
@@ -33,13 +32,10 @@ from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms as T
-from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchvision.datasets import CocoCaptions
@@ -47,14 +43,11 @@ from torchvision.datasets import CocoCaptions
 from mvae_course.config import ModelConfig, preset
 from mvae_course.data.cache import CacheLoader, CaptionCache, ensure_cache
 from mvae_course.data.coco import annotation_path, read_captions
+from mvae_course.data.synthetic import COCO_TRAIN_CAPTIONS, COCO_TRAIN_IMAGES, COCO_WORDPIECES, synthetic_cache
 from mvae_course.data.text import BERT_VOCAB_SIZE, PAD, UNK, CaptionTokenizer, bert_tokenizer
 from mvae_course.models.mvae import MultimodalVAE
 
 MAX_TOKENS = 32  # the naive pipeline pads (and truncates) every caption to this, EOS included
-COCO_TRAIN_IMAGES = 118_287  # COCO 2017 train: images and caption pairs, for epoch projections
-COCO_TRAIN_CAPTIONS = 591_753
-COCO_WORDPIECES = 6_700  # distinct wordpieces in COCO's training captions (order of magnitude)
-COCO_MEAN_TOKENS = 13.8  # mean wordpieces per COCO caption
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,8 +110,6 @@ def benchmark_model_config(vocab_size: int) -> ModelConfig:
 def full_logits_log_likelihood(decoder: nn.Module, z: Tensor, text: Tensor, bos_id: int) -> Tensor:
     """log p(caption | z) the naive way: logits at every position, padding masked by ignore_index.
 
-    Taught in notebooks/06_coco_training.ipynb
-
     decoder: a `TextDecoder` (its layers, not its packed forward); z: B x z_dim; text: B x T (content
     ids, EOS, PAD). The GRU runs over all T positions and the output layer makes B x T x V logits.
     Returns B, equal to `decoder.log_likelihood` (the GRU is causal, so padding never changes a real
@@ -134,8 +125,6 @@ def full_logits_log_likelihood(decoder: nn.Module, z: Tensor, text: Tensor, bos_
 
 class FullLogitsVAE(MultimodalVAE):
     """The package's `MultimodalVAE`, scoring captions with `full_logits_log_likelihood`.
-
-    Taught in notebooks/06_coco_training.ipynb
 
     `bos_id`: the id the decoder reads first ([CLS] = 101 for BERT ids, BOS = 1 for compact ids).
     """
@@ -155,10 +144,7 @@ class FullLogitsVAE(MultimodalVAE):
 
 
 def bert_to_compact(tokenizer: CaptionTokenizer) -> Tensor:
-    """Lookup table BERT id -> compact id (UNK outside the vocabulary): 30522 (int64).
-
-    Taught in notebooks/06_coco_training.ipynb
-    """
+    """Lookup table BERT id -> compact id (UNK outside the vocabulary): 30522 (int64)."""
     table = torch.full((BERT_VOCAB_SIZE,), UNK, dtype=torch.long)
     table[tokenizer.wordpiece_ids] = torch.arange(tokenizer.vocab_size)
     return table
@@ -166,8 +152,6 @@ def bert_to_compact(tokenizer: CaptionTokenizer) -> Tensor:
 
 def collate_bert(items: list[tuple[Tensor, list[str]]]) -> dict[str, Tensor]:
     """The naive collate: one random caption per image, BERT ids padded to MAX_TOKENS.
-
-    Taught in notebooks/06_coco_training.ipynb
 
     items: (3 x H x W image, captions) from `CocoCaptions`. Returns image B x 3 x H x W, text B x 32
     (BERT content ids, [SEP] as EOS, [PAD] = 0 after), lengths B.
@@ -183,10 +167,7 @@ def collate_bert(items: list[tuple[Tensor, list[str]]]) -> dict[str, Tensor]:
 
 def naive_loader(root: str | Path, split: str, image_size: int, batch_size: int,
                  workers: int = 0) -> DataLoader:
-    """JPEGs decoded with PIL on every access: torchvision's `CocoCaptions`, transforms and `DataLoader`.
-
-    Taught in notebooks/06_coco_training.ipynb
-    """
+    """JPEGs decoded with PIL on every access: torchvision's `CocoCaptions`, transforms and `DataLoader`."""
     transform = T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.ToTensor()])
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
         ds = CocoCaptions(str(Path(root) / split), str(annotation_path(root, split)), transform=transform)
@@ -196,10 +177,7 @@ def naive_loader(root: str | Path, split: str, image_size: int, batch_size: int,
 
 @dataclass
 class TrainData:
-    """One training split, both ways: its COCO folder (for the naive loader) and its cache + tokenizer.
-
-    Taught in notebooks/06_coco_training.ipynb
-    """
+    """One training split, both ways: its COCO folder (for the naive loader) and its cache + tokenizer."""
 
     root: Path
     split: str
@@ -248,10 +226,7 @@ def _adapt(batch: dict[str, Tensor], levers: Levers, vocab: Tensor | None, devic
 
 
 class Pipeline:
-    """A training set-up: endless batches, a model, AdamW with gradient clipping; `step()` trains once.
-
-    Taught in notebooks/06_coco_training.ipynb
-    """
+    """A training set-up: endless batches, a model, AdamW with gradient clipping; `step()` trains once."""
 
     def __init__(self, name: str, batches: Iterator[dict[str, Tensor]], model: MultimodalVAE,
                  device: torch.device, bf16: bool = False, lr: float = 1e-3, grad_clip: float = 5.0) -> None:
@@ -265,7 +240,7 @@ class Pipeline:
         batch = next(self.batches)
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
         with autocast:
-            loss = self.model.loss(batch, beta=1.0)["loss"]
+            loss = self.model(batch, beta=1.0)["loss"]
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
@@ -317,10 +292,7 @@ def build_pipeline(levers: Levers, data: TrainData, batch_size: int = 64, device
 
 
 def measure_throughput(pipeline: Pipeline, steps: int, warmup: int = 1) -> float:
-    """Samples per second of `steps` full training steps, after `warmup` untimed ones.
-
-    Taught in notebooks/06_coco_training.ipynb
-    """
+    """Samples per second of `steps` full training steps, after `warmup` untimed ones."""
     for _ in range(warmup):
         pipeline.step()
     start, samples = time.perf_counter(), 0
@@ -332,8 +304,6 @@ def measure_throughput(pipeline: Pipeline, steps: int, warmup: int = 1) -> float
 @dataclass
 class Comparison:
     """Samples/s of one pipeline over alternating rounds: overall (total samples / total time) and per round.
-
-    Taught in notebooks/06_coco_training.ipynb
     """
 
     name: str
@@ -369,119 +339,6 @@ def format_table(results: list[Comparison], baseline: str | None = None) -> str:
         lines.append(f"| {r.name} | {r.samples_per_s:.1f} | {min(r.rounds):.1f} - {max(r.rounds):.1f} "
                      f"| {r.samples_per_s / base:.2f} |")
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------
-# Synthetic COCO-sized data
-# ---------------------------------------------------------------------------------------------
-
-
-def word_pool(n_words: int = COCO_WORDPIECES) -> list[str]:
-    """The first `n_words` whole-word entries of BERT's vocabulary (roughly by frequency).
-
-    Taught in notebooks/06_coco_training.ipynb
-
-    Each is one wordpiece, so a caption of them joined by spaces tokenises back to exactly them.
-    """
-    vocab = sorted(bert_tokenizer().get_vocab().items(), key=lambda kv: kv[1])
-    words = [w for w, _ in vocab if w.isascii() and w.isalpha()]
-    if n_words > len(words):
-        raise ValueError(f"n_words={n_words}: BERT has only {len(words)} whole-word entries")
-    return words[:n_words]
-
-
-def zipf_probs(n: int, s: float = 1.0) -> Tensor:
-    """Zipf's law over n ranks, p(r) proportional to 1 / r^s: n (float64), summing to 1.
-
-    Taught in notebooks/06_coco_training.ipynb
-    """
-    p = 1.0 / torch.arange(1, n + 1, dtype=torch.float64) ** s
-    return p / p.sum()
-
-
-def caption_lengths(n: int, generator: torch.Generator, mean: float = COCO_MEAN_TOKENS, std: float = 3.5,
-                    device: str | torch.device = "cpu") -> Tensor:
-    """Content wordpieces per caption, COCO-like: rounded Normal(mean, std) clipped to [5, 48]: n (int64)."""
-    x = torch.randn(n, generator=generator, device=device) * std + mean
-    return x.round().clamp(5, 48).long()
-
-
-def synthetic_captions(n: int, n_words: int = COCO_WORDPIECES, seed: int = 0) -> list[str]:
-    """n captions of Zipf-distributed whole words with COCO's mean length (13.8 wordpieces).
-
-    Taught in notebooks/06_coco_training.ipynb
-    """
-    g = torch.Generator().manual_seed(seed)
-    words = word_pool(n_words)
-    lengths = caption_lengths(n, g)
-    ids = torch.multinomial(zipf_probs(n_words), int(lengths.sum()), replacement=True, generator=g).tolist()
-    starts = [0, *torch.cumsum(lengths, 0).tolist()]
-    return [" ".join(words[i] for i in ids[a:b]) for a, b in zip(starts, starts[1:])]
-
-
-def synthetic_jpeg(rng: np.random.Generator, noise: np.ndarray, width: int = 640, height: int = 480) -> bytes:
-    """A COCO-sized photo stand-in: smooth random colours plus grain, as JPEG (about 100 kB at 640 x 480)."""
-    low = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
-    pixels = np.asarray(Image.fromarray(low).resize((width, height), Image.BICUBIC), dtype=np.int16)
-    pixels += noise[: height, : width]
-    buf = io.BytesIO()
-    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
-    return buf.getvalue()
-
-
-def make_synthetic_coco(root: str | Path, split: str = "train2017", n_images: int = 2000,
-                        captions_per_image: int = 5, size: tuple[int, int] = (640, 480),
-                        n_words: int = COCO_WORDPIECES, seed: int = 0) -> Path:
-    """A COCO-layout folder of synthetic JPEGs (`size` = width, height) and COCO-like captions.
-
-    Taught in notebooks/06_coco_training.ipynb
-
-    Writes root/annotations/captions_<split>.json and root/<split>/<id>.jpg; returns root.
-    """
-    root = Path(root)
-    (root / "annotations").mkdir(parents=True, exist_ok=True)
-    (root / split).mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    width, height = size
-    noise = rng.integers(-12, 13, (height, width, 3)).astype(np.int16)
-    captions = synthetic_captions(n_images * captions_per_image, n_words, seed)
-    images, annotations = [], []
-    for i in range(n_images):
-        name = f"{i + 1:012d}.jpg"
-        (root / split / name).write_bytes(synthetic_jpeg(rng, np.roll(noise, i * 7, axis=1), width, height))
-        images.append({"id": i + 1, "file_name": name, "width": width, "height": height})
-        for k in range(captions_per_image):
-            annotations.append({"id": len(annotations) + 1, "image_id": i + 1,
-                                "caption": captions[i * captions_per_image + k]})
-    annotation_path(root, split).write_text(json.dumps({"images": images, "annotations": annotations}))
-    return root
-
-
-def synthetic_cache(n_images: int, captions_per_image: int = 5, vocab_size: int = COCO_WORDPIECES + 4,
-                    image_size: int = 64, device: str | torch.device = "cpu", seed: int = 0) -> CaptionCache:
-    """A `CaptionCache` of random images and Zipf-distributed compact ids, made straight on `device`.
-
-    Taught in notebooks/06_coco_training.ipynb
-
-    No files and no tokenizer: for timing training at COCO's size (118k images, 591k captions) in
-    seconds. Images are uniform noise, so only the speed means anything, not the loss.
-    """
-    device = torch.device(device)
-    g = torch.Generator(device=device).manual_seed(seed)
-    images = torch.randint(0, 256, (n_images, 3, image_size, image_size), generator=g, device=device,
-                           dtype=torch.uint8)
-    n_captions = n_images * captions_per_image
-    lengths = caption_lengths(n_captions, g, device=device)
-    probs = zipf_probs(vocab_size - 4).float().to(device)
-    tokens = (torch.multinomial(probs, int(lengths.sum()), replacement=True, generator=g) + 4).to(torch.int16)
-    offsets = F.pad(torch.cumsum(lengths, 0), (1, 0))
-    meta: dict[str, Any] = {"tokenizer": "synthetic", "vocab_size": vocab_size, "n_images": n_images,
-                            "n_captions": n_captions, "image_size": image_size}
-    return CaptionCache(
-        images=images, image_ids=torch.arange(1, n_images + 1, device=device), tokens=tokens, offsets=offsets,
-        caption_image=torch.arange(n_images, device=device).repeat_interleave(captions_per_image),
-        captions=[], attributes=None, meta=meta,
-    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_coco import jpeg_bytes, need_coco_mini, write_coco
+from conftest import jpeg_bytes, need_coco_mini, write_coco
 
 from mvae_course.data import cache as cache_module
 from mvae_course.data.cache import (

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,53 +18,7 @@ from mvae_course.data.coco import (
     read_captions,
 )
 from mvae_course.data.text import EOS, PAD, CaptionTokenizer
-from mvae_course.notebook import coco_mini_path
-
-def need_coco_mini() -> Path:
-    root = coco_mini_path()
-    if not (root / "annotations" / "captions_val2017.json").is_file():
-        pytest.skip(f"coco-mini not found at {root} (set MVAE_COCO_MINI to its folder)")
-    return root
-
-
-def write_coco(
-    root: Path,
-    images: dict[str, Image.Image | bytes],
-    captions: dict[str, list[str]],
-    split: str = "train",
-    attributes: dict[str, dict] | None = None,
-) -> Path:
-    """A COCO-layout folder: images saved by file name (PIL images, or raw bytes as given), ids 1..n in the
-    order of `images`, annotations interleaved across images so annotation order != image order."""
-    (root / split).mkdir(parents=True, exist_ok=True)
-    (root / "annotations").mkdir(exist_ok=True)
-    entries, anns = [], []
-    for image_id, (name, img) in enumerate(images.items(), start=1):
-        if isinstance(img, bytes):
-            (root / split / name).write_bytes(img)
-        else:
-            img.save(root / split / name)
-        entry = {"id": image_id, "file_name": name}
-        if attributes:
-            entry["attributes"] = attributes[name]
-        entries.append(entry)
-    ids = {name: i for i, name in enumerate(images, start=1)}
-    longest = max(len(c) for c in captions.values())
-    for k in range(longest):
-        for name in reversed(list(images)):
-            if k < len(captions[name]):
-                anns.append({"id": len(anns) + 100, "image_id": ids[name], "caption": captions[name][k]})
-    data = {"info": {}, "licenses": [], "images": entries, "annotations": anns}
-    (root / "annotations" / f"captions_{split}.json").write_text(json.dumps(data, indent=1))
-    return root
-
-
-def jpeg_bytes(img: Image.Image, **kw) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", **kw)
-    return buf.getvalue()
+from conftest import jpeg_bytes, need_coco_mini, write_coco
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,7 +25,7 @@ from mvae_course.train import train
 
 out = Path(sys.argv[2])
 result = train(Config.load(sys.argv[1]), out / "run", progress=False, data_dir=out / "data")
-torch.save(result["model"].state_dict(), out / f"weights-rank{os.environ['RANK']}.pt")
+torch.save(result.model.state_dict(), out / f"weights-rank{os.environ['RANK']}.pt")
 """
 
 

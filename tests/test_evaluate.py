@@ -9,18 +9,15 @@ from mvae_course.compare import comparison_table, to_markdown
 from mvae_course.config import preset
 from mvae_course.data.cache import ensure_cache
 from mvae_course.data.shapes import ATTRIBUTE_VALUES, attributes_at_level, ensure_shapes
-from mvae_course.evaluate import (
+from mvae_course.evaluate import evaluate_run, flatten
+from mvae_course.judge import load_or_train_classifier
+from mvae_course.metrics import (
     attribute_accuracy,
     caption_metrics,
     chance_accuracy,
-    evaluate_run,
-    flatten,
-    head,
-    load_or_train_classifier,
     recall_at_k,
     semantic_similarity,
 )
-
 
 
 # --- retrieval ---------------------------------------------------------------------------------------
@@ -158,11 +155,11 @@ def test_head_keeps_images_with_their_captions(tiny_run):
 
     (path,) = (tiny_run / "data" / "cache").glob("*-val-*")
     cache = load_cache(path)
-    small = head(cache, 5)
+    small = cache.head(5)
     assert len(small) == 5 and len(small.captions) == int((cache.caption_image < 5).sum())
     assert small.offsets[-1] == small.tokens.shape[0]
     assert small.attributes == cache.attributes[:5]
-    assert head(cache, None) is cache
+    assert cache.head(None) is cache
 
 
 # --- the main result, in miniature -------------------------------------------------------------------

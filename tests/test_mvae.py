@@ -49,17 +49,17 @@ def test_encode_with_either_modality_missing(fusion):
     batch = synthetic_batch()
     z_dim = model.config.z_dim
     for inputs in ({"image": batch["image"]}, {"text": batch["text"], "lengths": batch["lengths"]}):
-        mu, logvar = model.encode(**inputs)
-        assert mu.shape == logvar.shape == (B, z_dim)
+        mu, logvar = model.encode(**inputs)  # one Gaussian: a mixture of C = 1
+        assert mu.shape == logvar.shape == (1, B, z_dim)
         assert model.embed(**inputs).shape == (B, z_dim)
     both = {"image": batch["image"], "text": batch["text"], "lengths": batch["lengths"]}
     if fusion == "independent":
         with pytest.raises(ValueError, match="independent"):
             model.encode(**both)
         return
-    components = {"poe": None, "moe": 2, "mopoe": 3}[fusion]
-    mu, logvar = model.encode(**both)
-    assert mu.shape == ((B, z_dim) if components is None else (components, B, z_dim))
+    components = {"poe": 1, "moe": 2, "mopoe": 3}[fusion]
+    posterior = model.encode(**both)
+    assert posterior.components == components and posterior.mu.shape == (components, B, z_dim)
     assert model.embed(**both).shape == (B, z_dim)
 
 
@@ -87,8 +87,8 @@ def test_poe_masking_a_modality_equals_leaving_it_out():
     mu, logvar = model.encode(image, text, lengths, mask={"text": has_text})
     mu_image, _ = model.encode(image=image)
     mu_joint, _ = model.encode(image, text, lengths)
-    torch.testing.assert_close(mu[~has_text], mu_image[~has_text])
-    torch.testing.assert_close(mu[has_text], mu_joint[has_text])
+    torch.testing.assert_close(mu[:, ~has_text], mu_image[:, ~has_text])
+    torch.testing.assert_close(mu[:, has_text], mu_joint[:, has_text])
 
 
 def test_poe_includes_the_prior_expert_and_mopoe_does_not():
@@ -96,9 +96,9 @@ def test_poe_includes_the_prior_expert_and_mopoe_does_not():
     poe, mopoe = tiny_model("poe"), tiny_model("mopoe")
     mu_e, logvar_e = poe.experts(image=batch["image"])["image"]
     mu, logvar = poe.encode(image=batch["image"])
-    torch.testing.assert_close(torch.exp(-logvar), torch.exp(-logvar_e) + 1)  # precisions add, prior's is 1
+    torch.testing.assert_close(torch.exp(-logvar[0]), torch.exp(-logvar_e) + 1)  # precisions add, prior's is 1
     mu_e, logvar_e = mopoe.experts(image=batch["image"])["image"]
-    torch.testing.assert_close(mopoe.encode(image=batch["image"]), (mu_e, logvar_e))
+    torch.testing.assert_close(tuple(mopoe.encode(image=batch["image"])), (mu_e[None], logvar_e[None]))
 
 
 def test_moe_embedding_is_the_mixture_mean():
@@ -115,7 +115,7 @@ def test_moe_embedding_is_the_mixture_mean():
 @pytest.mark.parametrize("fusion", FUSIONS)
 def test_loss_terms_are_consistent(fusion):
     model = tiny_model(fusion)
-    terms = model.loss(synthetic_batch())
+    terms = model(synthetic_batch())
     expected = {"loss", "elbo", "rec_image", "rec_text", "kl", "elbo_image", "elbo_text"}
     assert expected <= set(terms)
     assert all(value.dim() == 0 and torch.isfinite(value) for value in terms.values())
@@ -134,10 +134,10 @@ def test_beta_and_weights_change_the_loss_but_not_the_elbo(fusion):
     model = tiny_model(fusion)
     batch = synthetic_batch()
     torch.manual_seed(5)
-    base = model.loss(batch)
+    base = model(batch)
     model.config.image_weight, model.config.text_weight = 0.5, 2.0
     torch.manual_seed(5)
-    weighted = model.loss(batch, beta=0.1)
+    weighted = model(batch, beta=0.1)
     torch.testing.assert_close(weighted["elbo"], base["elbo"])
     assert not torch.isclose(weighted["loss"], base["loss"])
 
@@ -147,7 +147,7 @@ def test_independent_kl_is_the_sum_of_two_unimodal_kls():
     batch = synthetic_batch()
     experts = model.experts(batch["image"], batch["text"], batch["lengths"])
     expected = sum(kl_standard_normal(*experts[m]) for m in ("image", "text")).mean()
-    torch.testing.assert_close(model.loss(batch)["kl"], expected)
+    torch.testing.assert_close(model(batch)["kl"], expected)
 
 
 @pytest.mark.parametrize("fusion", FUSIONS)
@@ -157,7 +157,7 @@ def test_loss_decreases_on_a_fixed_batch(fusion):
     optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses, rec_text = [], []
     for _ in range(20):
-        terms = model.loss(batch)
+        terms = model(batch)
         optimiser.zero_grad()
         terms["loss"].backward()
         optimiser.step()

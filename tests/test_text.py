@@ -21,7 +21,7 @@ from mvae_course.data.text import (
     normalise,
     pad_captions,
 )
-from test_coco import need_coco_mini
+from conftest import need_coco_mini
 
 CAPTIONS = [
     "A man riding a wave on top of a surfboard.",

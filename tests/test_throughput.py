@@ -29,10 +29,8 @@ from mvae_course.throughput import (
     gpu_epoch_check,
     lever_ladder,
     load_train_data,
-    make_synthetic_coco,
-    synthetic_cache,
-    synthetic_captions,
 )
+from mvae_course.data.synthetic import make_synthetic_coco, synthetic_cache, synthetic_captions
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = preset("tiny").model
@@ -98,7 +96,7 @@ def test_naive_and_course_text_losses_agree_when_the_vocabularies_map(data):
     terms = {}
     for name, model, batch_text in (("course", course, text), ("naive", naive, bert["text"])):
         torch.manual_seed(1)  # the same reparameterisation noise
-        terms[name] = model.loss({"image": image, "text": batch_text, "lengths": lengths})
+        terms[name] = model({"image": image, "text": batch_text, "lengths": lengths})
     for key in ("loss", "rec_text", "elbo_text", "elbo_joint"):
         torch.testing.assert_close(terms["naive"][key], terms["course"][key], rtol=1e-5, atol=1e-4)
     assert bert["text"].eq(PAD).any()  # the naive batch really carried padding that ignore_index dropped

@@ -15,20 +15,12 @@ import torch
 from mvae_course.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from mvae_course.config import Config, preset
 from mvae_course.models.mvae import MultimodalVAE
-from mvae_course.train import (
-    NonFiniteLossError,
-    add_train_arguments,
-    config_from_args,
-    kl_beta,
-    load_model,
-    lr_factor,
-    pick_device,
-    read_metrics,
-    run_train,
-    train,
-    train_or_load,
-)
-from test_coco import need_coco_mini
+from mvae_course.cli import add_train_arguments, config_from_args, run_train
+from mvae_course.device import pick_device
+from mvae_course.metrics_log import read_metrics
+from mvae_course.runs import load_model, train_or_load
+from mvae_course.train import NonFiniteLossError, TrainResult, kl_beta, lr_factor, train
+from conftest import need_coco_mini
 
 
 def small_config(**train_opts) -> Config:
@@ -47,14 +39,14 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def full_run(tmp_path_factory, data_dir) -> dict:
+def full_run(tmp_path_factory, data_dir) -> TrainResult:
     """One uninterrupted run, shared by the tests that compare against it or read its files."""
     return train(small_config(), tmp_path_factory.mktemp("run") / "full", progress=False, data_dir=data_dir)
 
 
 def fail_on_training_call(monkeypatch, k: int, make_error) -> None:
-    """Make the model's k-th training-mode `loss` call (step k) raise, or return what `make_error` gives."""
-    real_loss = MultimodalVAE.loss
+    """Make the model's k-th training-mode loss call (step k) raise, or return what `make_error` gives."""
+    real_loss = MultimodalVAE.forward
     calls = {"n": 0}
 
     def loss(self, batch, beta=1.0):
@@ -65,7 +57,7 @@ def fail_on_training_call(monkeypatch, k: int, make_error) -> None:
                 return make_error(terms)
         return terms
 
-    monkeypatch.setattr(MultimodalVAE, "loss", loss)
+    monkeypatch.setattr(MultimodalVAE, "forward", loss)
 
 
 def raise_(error: BaseException):
@@ -109,7 +101,7 @@ def test_pick_device():
 
 
 def test_training_lowers_the_validation_loss_and_writes_its_files(full_run):
-    out = full_run["out_dir"]
+    out = full_run.out_dir
     for name in ("config.json", "tokenizer.json", "metrics.csv", "last.pt", "best.pt"):
         assert (out / name).is_file(), name
     rows = read_metrics(out / "metrics.csv")
@@ -122,50 +114,50 @@ def test_training_lowers_the_validation_loss_and_writes_its_files(full_run):
     assert [int(r["step"]) for r in train_rows] == list(range(2, 13, 2))
     assert float(train_rows[-1]["beta"]) == 1.0 and float(train_rows[0]["beta"]) < 1.0
     assert float(train_rows[-1]["samples_per_s"]) > 0
-    assert full_run["step"] == 12 and full_run["val"]["loss"] == pytest.approx(float(val[-1]["loss"]))
+    assert full_run.step == 12 and full_run.val["loss"] == pytest.approx(float(val[-1]["loss"]))
     saved = Config.load(out / "config.json")
-    assert saved.model.vocab_size == full_run["tokenizer"].vocab_size > 4
+    assert saved.model.vocab_size == full_run.tokenizer.vocab_size > 4
 
 
 def test_load_model_rebuilds_the_trained_model(full_run):
-    model, tokenizer, config = load_model(full_run["last_checkpoint"], device="cpu")
+    model, tokenizer, config = load_model(full_run.out_dir / "last.pt", device="cpu")
     assert not model.training and config.model.fusion == "poe"
-    assert tokenizer.wordpieces == full_run["tokenizer"].wordpieces
-    assert same_weights(model.state_dict(), full_run["model"].state_dict())
-    best, _, _ = load_model(full_run["out_dir"], device="cpu")  # a folder: its best.pt
-    best_val = load_checkpoint(full_run["best_checkpoint"])["best_val"]
-    assert best_val == pytest.approx(full_run["best_val_loss"])
+    assert tokenizer.wordpieces == full_run.tokenizer.wordpieces
+    assert same_weights(model.state_dict(), full_run.model.state_dict())
+    best, _, _ = load_model(full_run.out_dir, device="cpu")  # a folder: its best.pt
+    best_val = load_checkpoint(full_run.out_dir / "best.pt")["best_val"]
+    assert best_val == pytest.approx(full_run.best_val_loss)
     assert isinstance(best, MultimodalVAE)
 
 
 def test_resuming_a_finished_run_changes_nothing(full_run, tmp_path, data_dir):
     run = tmp_path / "again"
-    shutil.copytree(full_run["out_dir"], run, ignore=shutil.ignore_patterns("data"))
+    shutil.copytree(full_run.out_dir, run, ignore=shutil.ignore_patterns("data"))
     result = train(small_config(), run, resume=True, progress=False, data_dir=data_dir)
-    assert result["step"] == 12
-    assert same_weights(result["model"].state_dict(), full_run["model"].state_dict())
+    assert result.step == 12
+    assert same_weights(result.model.state_dict(), full_run.model.state_dict())
 
 
 def test_train_or_load_loads_a_finished_run_and_trains_an_empty_folder(full_run, tmp_path, data_dir):
     run = tmp_path / "lesson"
-    shutil.copytree(full_run["out_dir"], run, ignore=shutil.ignore_patterns("data"))
+    shutil.copytree(full_run.out_dir, run, ignore=shutil.ignore_patterns("data"))
     loaded = train_or_load(small_config(), run, data_dir=data_dir)
-    assert loaded["step"] == 12 and loaded["seconds"] >= 0
-    assert same_weights(loaded["model"].state_dict(), full_run["model"].state_dict())
+    assert loaded.step == 12 and loaded.seconds >= 0
+    assert same_weights(loaded.model.state_dict(), full_run.model.state_dict())
     fresh = train_or_load(small_config(max_steps=2), tmp_path / "new", data_dir=data_dir)
-    assert fresh["step"] == 2 and (tmp_path / "new" / "last.pt").is_file()
+    assert fresh.step == 2 and (tmp_path / "new" / "last.pt").is_file()
 
 
 def test_read_metrics_gives_numbers_by_split(full_run):
-    val = read_metrics(full_run["out_dir"], split="val")
+    val = read_metrics(full_run.out_dir, split="val")
     assert [row["step"] for row in val] == [0.0, 6.0, 12.0]
     assert all(row["split"] == "val" and isinstance(row["loss"], float) for row in val)
-    assert len(read_metrics(full_run["metrics"])) == len(val) + len(read_metrics(full_run["out_dir"], "train"))
+    assert len(read_metrics(full_run.out_dir / "metrics.csv")) == len(val) + len(read_metrics(full_run.out_dir, "train"))
 
 
 def test_a_second_run_into_the_same_folder_is_refused(full_run, data_dir):
     with pytest.raises(FileExistsError, match="resume"):
-        train(small_config(), full_run["out_dir"], progress=False, data_dir=data_dir)
+        train(small_config(), full_run.out_dir, progress=False, data_dir=data_dir)
 
 
 @pytest.mark.parametrize(
@@ -186,11 +178,11 @@ def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(
             train(small_config(), run, progress=False, data_dir=data_dir)
     assert load_checkpoint(run / "last.pt")["step"] == saved_step
     result = train(small_config(), run, resume=True, progress=False, data_dir=data_dir)
-    assert result["step"] == 12
-    assert same_weights(result["model"].state_dict(), full_run["model"].state_dict())
+    assert result.step == 12
+    assert same_weights(result.model.state_dict(), full_run.model.state_dict())
     rows = read_metrics(run / "metrics.csv")
     assert [(r["step"], r["split"]) for r in rows] == [
-        (r["step"], r["split"]) for r in read_metrics(full_run["metrics"])
+        (r["step"], r["split"]) for r in read_metrics(full_run.out_dir / "metrics.csv")
     ]  # rows logged after the checkpoint were dropped, not duplicated
 
 
@@ -211,7 +203,7 @@ def test_ctrl_c_during_the_weight_update_still_resumes_exactly(full_run, tmp_pat
             train(small_config(), run, progress=False, data_dir=data_dir)
     assert load_checkpoint(run / "last.pt")["step"] == 9  # the update finished, then Ctrl-C was honoured
     result = train(small_config(), run, resume=True, progress=False, data_dir=data_dir)
-    assert same_weights(result["model"].state_dict(), full_run["model"].state_dict())
+    assert same_weights(result.model.state_dict(), full_run.model.state_dict())
 
 
 # --- checkpoints ----------------------------------------------------------------------------------
@@ -219,7 +211,7 @@ def test_ctrl_c_during_the_weight_update_still_resumes_exactly(full_run, tmp_pat
 
 def test_a_failed_save_leaves_the_previous_checkpoint_intact(full_run, tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
-    shutil.copy(full_run["last_checkpoint"], path)
+    shutil.copy(full_run.out_dir / "last.pt", path)
     before = load_checkpoint(path)
 
     def broken_save(obj, f, *args, **kwargs):
@@ -239,7 +231,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(full_run, tmp_path,
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "missing"])
 def test_an_unreadable_checkpoint_is_a_clear_error(full_run, tmp_path, damage):
     path = tmp_path / "last.pt"
-    data = full_run["last_checkpoint"].read_bytes()
+    data = (full_run.out_dir / "last.pt").read_bytes()
     if damage == "truncated":
         path.write_bytes(data[: len(data) // 2])
     elif damage == "garbage":
@@ -262,7 +254,7 @@ def test_a_checkpoint_that_is_not_a_training_checkpoint_is_a_clear_error(tmp_pat
 def test_resuming_with_another_model_config_is_a_clear_error(full_run, tmp_path, data_dir, change):
     run = tmp_path / "run"
     run.mkdir()
-    shutil.copy(full_run["last_checkpoint"], run / "last.pt")
+    shutil.copy(full_run.out_dir / "last.pt", run / "last.pt")
     cfg = small_config().replace(model=change)
     with pytest.raises(CheckpointError) as info:
         train(cfg, run, resume=True, progress=False, data_dir=data_dir)
@@ -329,8 +321,8 @@ def test_train_then_evaluate_on_coco_captions(tmp_path, capsys):
         data={"dataset": "coco", "root": str(root), "train_split": "train2017", "val_split": "val2017"}
     )
     result = train(cfg, tmp_path / "run", progress=False, data_dir=tmp_path / "data")
-    assert result["step"] == 3 and torch.isfinite(torch.tensor(result["val"]["loss"]))
-    assert result["tokenizer"].vocab_size > 100  # real captions have a real vocabulary
+    assert result.step == 3 and torch.isfinite(torch.tensor(result.val["loss"]))
+    assert result.tokenizer.vocab_size > 100  # real captions have a real vocabulary
 
     # The COCO metrics from the command line: retrieval, caption metrics with the sentence model, IWAE.
     assert main(["evaluate", "--run", str(tmp_path / "run"), "--data-dir", str(tmp_path / "data"), "--k", "2",

@@ -69,10 +69,7 @@ CHUNK = 64  # most images per worker task
 
 
 class CacheError(ValueError):
-    """A cache folder that is missing, incomplete or unreadable.
-
-    Taught in notebooks/05_coco_data.ipynb.
-    """
+    """A cache folder that is missing, incomplete or unreadable."""
 
 
 class StaleCacheError(CacheError):
@@ -269,8 +266,6 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 class CaptionCache:
     """A loaded cache: images, tokens and captions as tensors and lists.
 
-    Taught in notebooks/05_coco_data.ipynb.
-
     images N x 3 x H x W uint8; image_ids N int64; tokens (total content ids,) int16/int32;
     offsets M + 1 int64; caption_image M int64 (non-decreasing); captions M strings;
     attributes N dicts (or None when the source JSON has none); meta as in meta.json.
@@ -296,6 +291,29 @@ class CaptionCache:
     def to(self, device: str | torch.device) -> CaptionCache:
         """A copy with every tensor on `device` (e.g. the whole cache in GPU memory)."""
         return replace(self, **{name: getattr(self, name).to(device) for name in ARRAYS})
+
+    def head(self, n: int | None) -> CaptionCache:
+        """The first `n` images with their captions (the whole cache when n is None or larger)."""
+        if n is None or n >= len(self):
+            return self
+        if n < 1:
+            raise ValueError(f"n must be at least 1 image, got {n}")
+        m = int((self.caption_image < n).sum())  # captions of the first n images (caption_image is sorted)
+        return replace(
+            self, images=self.images[:n], image_ids=self.image_ids[:n], tokens=self.tokens[: int(self.offsets[m])],
+            offsets=self.offsets[: m + 1], caption_image=self.caption_image[:m], captions=self.captions[:m],
+            attributes=None if self.attributes is None else self.attributes[:n],
+        )
+
+    def rows_of(self, image_ids: torch.Tensor) -> list[int]:
+        """Rows of `images` holding these COCO image ids (B)."""
+        row = {int(i): r for r, i in enumerate(self.image_ids.tolist())}
+        return [row[int(i)] for i in image_ids.tolist()]
+
+    def first_captions(self) -> list[str]:
+        """The first raw caption of every image: N strings."""
+        first = torch.searchsorted(self.caption_image.cpu(), torch.arange(len(self)))
+        return [self.captions[int(i)] for i in first]
 
 
 def load_cache(path: str | Path, expect: dict[str, Any] | None = None) -> CaptionCache:
@@ -456,3 +474,8 @@ def image_captions(cache: CaptionCache, rows: Sequence[int]) -> list[list[str]]:
     first = torch.searchsorted(cache.caption_image.cpu(), torch.as_tensor(rows), side="left")
     last = torch.searchsorted(cache.caption_image.cpu(), torch.as_tensor(rows), side="right")
     return [cache.captions[int(a) : int(b)] for a, b in zip(first, last)]
+
+
+def as_float_images(images: torch.Tensor) -> torch.Tensor:
+    """Images as float32 in [0, 1], from the cache's uint8 or already float: same shape (... x 3 x H x W)."""
+    return images.float() / 255.0 if images.dtype == torch.uint8 else images.float()

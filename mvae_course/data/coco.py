@@ -126,10 +126,7 @@ def read_captions(root: str | Path, split: str) -> list[str]:
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode as RGB: alpha over white, 16/32-bit greyscale scaled to 8 bits.
-
-    Taught in notebooks/05_coco_data.ipynb.
-    """
+    """Any PIL mode as RGB: alpha over white, 16/32-bit greyscale scaled to 8 bits."""
     if img.mode == "RGB":
         return img
     if img.mode.startswith("I") or img.mode == "F":
@@ -145,10 +142,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def resize_center_crop(img: Image.Image, image_size: int) -> Image.Image:
-    """Resize the shorter side to `image_size`, then crop the centre square (torchvision's transforms).
-
-    Taught in notebooks/05_coco_data.ipynb.
-    """
+    """Resize the shorter side to `image_size`, then crop the centre square (torchvision's transforms)."""
     img = TF.resize(img, image_size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
     return TF.center_crop(img, [image_size, image_size])
 
@@ -171,10 +165,7 @@ def load_image(path: str | Path, image_size: int) -> Image.Image:
 
 
 def image_to_tensor(img: Image.Image) -> torch.Tensor:
-    """An RGB PIL image as a float32 3 x H x W tensor in [0, 1].
-
-    Taught in notebooks/05_coco_data.ipynb.
-    """
+    """An RGB PIL image as a float32 3 x H x W tensor in [0, 1]."""
     return TF.pil_to_tensor(img).float().div_(255.0)
 
 
@@ -293,8 +284,6 @@ class CocoCaptionDataset(Dataset):
 
 def collate_captions(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Stack dataset items into the batch dict of docs/architecture.md (`text` padded, EOS appended).
-
-    Taught in notebooks/05_coco_data.ipynb.
 
     Returns image B x 3 x H x W float32, text B x T int64, lengths B, image_id B; without a tokenizer,
     `caption` (a list of B strings) replaces text and lengths.

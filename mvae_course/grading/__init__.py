@@ -1,7 +1,5 @@
 """Graded exercises and the autograder.
 
-Taught in notebooks/00_setup.ipynb
-
 - `check(question_id, fn)`: instant feedback on one exercise, in the notebook.
 - `python -m mvae_course grade PATH...`: the grade, each notebook run in its own kernel and judged here.
 - `python -m mvae_course exercises build|check`: exercises/ generated from solutions/.

@@ -1,7 +1,5 @@
 """The `exercises` and `grade` commands (wired into `python -m mvae_course` by mvae_course/cli.py).
 
-Taught in notebooks/00_setup.ipynb
-
     python -m mvae_course exercises build     # write exercises/ from solutions/
     python -m mvae_course exercises check     # fail, naming the files, when exercises/ is stale
     python -m mvae_course grade exercises/01_elbo_exercises.ipynb --json grades.json
@@ -17,24 +15,17 @@ from pathlib import Path
 
 
 def add_exercises_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `exercises {build,check}`.
-
-    Taught in notebooks/00_setup.ipynb
-    """
-    from mvae_course.grading.exercises import EXERCISES, SOLUTIONS
-
+    """Arguments of `exercises {build,check}`."""
     parser.add_argument("action", choices=["build", "check"], help="build: write exercises/; check: fail if stale")
-    parser.add_argument("--solutions", type=Path, default=SOLUTIONS, help="solution notebooks (the source)")
-    parser.add_argument("--exercises", type=Path, default=EXERCISES, help="generated exercise notebooks")
+    parser.add_argument("--solutions", type=Path, help="solution notebooks, the source (default: solutions/)")
+    parser.add_argument("--exercises", type=Path, help="generated exercise notebooks (default: exercises/)")
 
 
 def run_exercises(args: argparse.Namespace) -> int:
-    """Build or check exercises/; returns the exit status (1 when `check` finds stale files).
+    """Build or check exercises/; returns the exit status (1 when `check` finds stale files)."""
+    from mvae_course.grading.exercises import EXERCISES, SOLUTIONS, build_exercises, stale_exercises
 
-    Taught in notebooks/00_setup.ipynb
-    """
-    from mvae_course.grading.exercises import build_exercises, stale_exercises
-
+    args.solutions, args.exercises = args.solutions or SOLUTIONS, args.exercises or EXERCISES
     if args.action == "build":
         for path in build_exercises(args.solutions, args.exercises):
             print(f"wrote {path}")
@@ -50,10 +41,7 @@ def run_exercises(args: argparse.Namespace) -> int:
 
 
 def add_grade_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `grade PATH... [--json OUT]`.
-
-    Taught in notebooks/00_setup.ipynb
-    """
+    """Arguments of `grade PATH... [--json OUT]`."""
     parser.add_argument("paths", nargs="+", type=Path, help="submitted exercise notebooks (.ipynb)")
     parser.add_argument("--json", type=Path, help="also write the results as JSON, for a gradebook")
     parser.add_argument("--timeout", type=float, default=60, help="seconds allowed for each notebook cell")
@@ -63,10 +51,7 @@ def add_grade_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_grade(args: argparse.Namespace) -> int:
-    """Grade the notebooks, print the table, optionally write JSON. Returns 0 when grading completed.
-
-    Taught in notebooks/00_setup.ipynb
-    """
+    """Grade the notebooks, print the table, optionally write JSON. Returns 0 when grading completed."""
     from mvae_course.grading.grader import format_report, grade_notebooks, write_gradebook
 
     try:

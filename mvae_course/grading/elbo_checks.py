@@ -1,7 +1,5 @@
 """Checks for exercises/01_elbo_exercises.ipynb: sampling, KL terms, the ELBO and the IWAE bound.
 
-Taught in notebooks/01_elbo.ipynb
-
 The wrong variants below are the mistakes learners make most often; each carries the feedback that
 names it.
 """

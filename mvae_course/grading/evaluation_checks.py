@@ -1,14 +1,11 @@
-"""Checks for exercises/07_evaluation_exercises.ipynb: cross-modal retrieval.
-
-Taught in notebooks/07_evaluation.ipynb
-"""
+"""Checks for exercises/07_evaluation_exercises.ipynb: cross-modal retrieval."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from mvae_course.evaluate import recall_at_k
+from mvae_course.metrics import recall_at_k
 from mvae_course.grading.question import Case, Question, ReferenceJudge
 
 NOTEBOOK = "07_evaluation_exercises"

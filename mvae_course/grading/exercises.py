@@ -1,7 +1,5 @@
 """exercises/ is generated from solutions/: every solution block becomes a stub, outputs are cleared.
 
-Taught in notebooks/00_setup.ipynb
-
 In a solution notebook the answer sits between two marker lines inside a function body:
 
     def kl_normal(mu_q, logvar_q, mu_p, logvar_p):
@@ -30,10 +28,7 @@ _KEEP_CELL_METADATA = ("tags",)
 
 
 def strip_solutions(source: str, where: str = "cell") -> str:
-    """Replace every BEGIN/END SOLUTION block in a cell's source with a stub that raises.
-
-    Taught in notebooks/00_setup.ipynb
-    """
+    """Replace every BEGIN/END SOLUTION block in a cell's source with a stub that raises."""
     out: list[str] = []
     inside = False
     for number, line in enumerate(source.splitlines(), 1):
@@ -68,10 +63,7 @@ def clean(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
 
 
 def exercise_notebook(solution: nbformat.NotebookNode, name: str = "notebook") -> nbformat.NotebookNode:
-    """The exercise version of a solution notebook.
-
-    Taught in notebooks/00_setup.ipynb
-    """
+    """The exercise version of a solution notebook."""
     nb = clean(solution)
     for index, cell in enumerate(nb.cells):
         if cell.cell_type == "code":
@@ -94,10 +86,7 @@ def expected_exercises(solutions: Path = SOLUTIONS) -> dict[str, str]:
 
 
 def build_exercises(solutions: Path = SOLUTIONS, exercises: Path = EXERCISES) -> list[Path]:
-    """Write exercises/ from solutions/ and remove exercise notebooks without a solution.
-
-    Taught in notebooks/00_setup.ipynb
-    """
+    """Write exercises/ from solutions/ and remove exercise notebooks without a solution."""
     expected = expected_exercises(solutions)
     exercises = Path(exercises)
     exercises.mkdir(parents=True, exist_ok=True)
@@ -114,10 +103,7 @@ def build_exercises(solutions: Path = SOLUTIONS, exercises: Path = EXERCISES) ->
 
 
 def stale_exercises(solutions: Path = SOLUTIONS, exercises: Path = EXERCISES) -> list[str]:
-    """Problems that make exercises/ differ from what solutions/ generates (empty when up to date).
-
-    Taught in notebooks/00_setup.ipynb
-    """
+    """Problems that make exercises/ differ from what solutions/ generates (empty when up to date)."""
     expected = expected_exercises(solutions)
     exercises = Path(exercises)
     problems = []

@@ -1,7 +1,4 @@
-"""Checks for exercises/04_fusion_exercises.ipynb: product and mixture of experts, cross-modal generation.
-
-Taught in notebooks/04_fusion.ipynb
-"""
+"""Checks for exercises/04_fusion_exercises.ipynb: product and mixture of experts, cross-modal generation."""
 
 from __future__ import annotations
 

@@ -1,7 +1,5 @@
 """The autograder: run each submitted notebook in its own kernel, then judge its functions from here.
 
-Taught in notebooks/00_setup.ipynb
-
 A submission cannot grade itself. After its cells have run (errors allowed, each cell under a timeout),
 the grader draws fresh random inputs for every question in this process, saves them to a file, asks the
 kernel to call the learner's function on them and save the results, and loads those results back here
@@ -75,10 +73,7 @@ def _mvae_grading_call(function, inputs, outputs):
 
 @dataclass
 class NotebookGrade:
-    """The grade of one submitted notebook.
-
-    Taught in notebooks/00_setup.ipynb
-    """
+    """The grade of one submitted notebook."""
 
     path: str
     notebook: str
@@ -189,8 +184,6 @@ def grade_notebook(
 ) -> NotebookGrade:
     """Run one submitted notebook in a fresh kernel and grade every question of its exercise set.
 
-    Taught in notebooks/00_setup.ipynb
-
     seed: the random inputs (fresh when None). timeout: seconds allowed for each of the notebook's cells;
     call_timeout: for each graded function call (default: timeout). Past either the kernel is
     interrupted and grading goes on.
@@ -232,8 +225,6 @@ def grade_notebooks(
 ) -> list[NotebookGrade]:
     """Grade several notebooks, each in its own kernel, with one seed for the whole run.
 
-    Taught in notebooks/00_setup.ipynb
-
     jobs: how many kernels run at once (kernels mostly wait on imports, so 2-4 helps even on 2 cores).
     """
     for path in paths:  # fail before any kernel starts
@@ -245,10 +236,7 @@ def grade_notebooks(
 
 
 def format_report(grades: list[NotebookGrade]) -> str:
-    """A per-question table with points and totals, one block per notebook.
-
-    Taught in notebooks/00_setup.ipynb
-    """
+    """A per-question table with points and totals, one block per notebook."""
     lines = []
     for g in grades:
         lines.append(f"{g.path}  ({g.notebook}, seed {g.seed})")
@@ -264,10 +252,7 @@ def format_report(grades: list[NotebookGrade]) -> str:
 
 
 def write_gradebook(grades: list[NotebookGrade], out: str | Path) -> None:
-    """The same results as JSON, for a gradebook.
-
-    Taught in notebooks/00_setup.ipynb
-    """
+    """The same results as JSON, for a gradebook."""
     data = {
         "points": sum(g.points for g in grades),
         "max_points": sum(g.max_points for g in grades),

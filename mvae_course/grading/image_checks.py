@@ -1,7 +1,4 @@
-"""Checks for exercises/02_image_exercises.ipynb: the shapes inside the convolutional image encoder.
-
-Taught in notebooks/02_image_vae.ipynb
-"""
+"""Checks for exercises/02_image_exercises.ipynb: the shapes inside the convolutional image encoder."""
 
 from __future__ import annotations
 

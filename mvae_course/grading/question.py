@@ -1,7 +1,5 @@
 """A graded question: how to make its inputs, and how to judge a submission's outputs.
 
-Taught in notebooks/00_setup.ipynb (how the exercises and the autograder work).
-
 A question never trusts the code it judges. `cases(generator)` draws fresh random inputs; the submission
 turns them into outputs (in this process for `check`, in the learner's own kernel for `grade`); `judge`
 compares the outputs with the package's reference implementation and, when they differ, with known
@@ -27,8 +25,6 @@ Judge = Callable[[Sequence[Case], Sequence[Any]], "str | None"]
 class Question:
     """One graded question: the function the learner writes and how to check it.
 
-    Taught in notebooks/00_setup.ipynb
-
     `cases(generator)` returns the argument tuples the function is called with; `judge(cases, outputs)`
     returns None when the outputs are right, else feedback for the learner.
     """
@@ -44,10 +40,7 @@ class Question:
 
 @dataclass
 class Verdict:
-    """The grade of one question for one submission.
-
-    Taught in notebooks/00_setup.ipynb
-    """
+    """The grade of one question for one submission."""
 
     question: str
     function: str
@@ -73,10 +66,7 @@ class SubmissionError(Exception):
 
 
 def verdict(question: Question, cases: Sequence[Case], outputs: Sequence[Any]) -> Verdict:
-    """Judge outputs already computed for `cases`; a judge that itself crashes counts as a wrong answer.
-
-    Taught in notebooks/00_setup.ipynb
-    """
+    """Judge outputs already computed for `cases`; a judge that itself crashes counts as a wrong answer."""
     try:
         problem = question.judge(cases, outputs)
     except Exception as err:  # e.g. an output of a type the comparison cannot handle
@@ -92,10 +82,7 @@ def failed(question: Question, message: str) -> Verdict:
 
 
 def run_in_process(question: Question, fn: Callable[..., Any], seed: int) -> Verdict:
-    """Call `fn` on fresh cases here and judge it: the instant feedback of `check` in a notebook.
-
-    Taught in notebooks/00_setup.ipynb
-    """
+    """Call `fn` on fresh cases here and judge it: the instant feedback of `check` in a notebook."""
     cases = question.cases(torch.Generator().manual_seed(seed))
     outputs = []
     for i, case in enumerate(cases):
@@ -118,7 +105,7 @@ def _shape(x: Tensor) -> str:
 def compare(output: Any, expected: Any, atol: float = 1e-4, rtol: float = 1e-4, where: str = "output") -> str | None:
     """None when `output` matches `expected` (tensors, numbers, and tuples/lists of them), else what differs.
 
-    Taught in notebooks/00_setup.ipynb
+    Taught in notebooks/02_image_vae.ipynb
     """
     if isinstance(expected, Tensor):
         if not isinstance(output, Tensor):
@@ -180,8 +167,6 @@ Property = Callable[[Sequence[Case], Sequence[Any]], "str | None"]
 class ReferenceJudge:
     """Compares with `reference(*case)`; on a mismatch it names the first known mistake (message, wrong
     implementation) whose outputs the submission reproduces.
-
-    Taught in notebooks/00_setup.ipynb
 
     `properties` are extra checks on right-looking outputs (e.g. "KL is never negative"). Wrong variants
     must be deterministic: a random one can never be matched.

@@ -1,7 +1,4 @@
-"""Every graded question of the course, by id and by exercise notebook, and `check` for instant feedback.
-
-Taught in notebooks/00_setup.ipynb
-"""
+"""Every graded question of the course, by id and by exercise notebook, and `check` for instant feedback."""
 
 from __future__ import annotations
 

@@ -1,7 +1,4 @@
-"""Checks for exercises/03_text_exercises.ipynb: teacher forcing, the padding mask, the caption likelihood.
-
-Taught in notebooks/03_text_vae.ipynb
-"""
+"""Checks for exercises/03_text_exercises.ipynb: teacher forcing, the padding mask, the caption likelihood."""
 
 from __future__ import annotations
 

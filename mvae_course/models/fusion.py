@@ -18,11 +18,47 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from mvae_course.objectives import gaussian_log_prob, reparameterize
+
+
+class Posterior(NamedTuple):
+    """A posterior q(z | ...): a uniform mixture of C diagonal Gaussians, C = 1 for a single Gaussian.
+
+    mu, logvar: C x B x D. Every fusion returns this one type (PoE and a lone expert with C = 1; MoE
+    with one component per expert; MoPoE with one per subset), so no caller branches on the fusion.
+    Unpacks like a pair: `mu, logvar = model.encode(...)`.
+    """
+
+    mu: Tensor
+    logvar: Tensor
+
+    @property
+    def components(self) -> int:
+        """C, the number of mixture components (1: a single Gaussian)."""
+        return self.mu.shape[0]
+
+    @property
+    def mean(self) -> Tensor:
+        """E[z], B x D: the average of the components' means (the mixture is uniform)."""
+        return self.mu.mean(0)
+
+    def sample(self, k: int | None = None) -> Tensor:
+        """z ~ q: B x D, or K x B x D when `k` is given. A single Gaussian is reparameterised (gradients
+        flow); a mixture picks a component per sample first (`sample_mixture`)."""
+        if self.components == 1:
+            return reparameterize(self.mu[0], self.logvar[0], k=k)
+        return sample_mixture(self.mu, self.logvar, k=k)[0]
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        """log q(z): z ... x B x D -> ... ."""
+        if self.components == 1:
+            return gaussian_log_prob(z, self.mu[0], self.logvar[0])
+        return mixture_log_prob(z, self.mu, self.logvar)
 
 
 def product_of_experts(

@@ -39,23 +39,21 @@ from torch import Tensor, nn
 
 from mvae_course.config import ModelConfig
 from mvae_course.models.fusion import (
-    mixture_log_prob,
+    Posterior,
     mixture_of_experts_sample,
     mixture_of_products,
     product_of_experts,
-    sample_mixture,
     subsets,
 )
 from mvae_course.models.image import ImageDecoder, ImageEncoder
 from mvae_course.models.text import TextDecoder, TextEncoder
 from mvae_course.objectives import (
     elbo_terms,
-    gaussian_log_prob,
     image_log_likelihood,
     image_mean,
     iwae_bound,
     kl_standard_normal,
-    log_importance_weights,
+    log_standard_normal,
     reparameterize,
 )
 
@@ -112,16 +110,15 @@ class MultimodalVAE(nn.Module):
             raise ValueError("pass at least one modality: image=..., text=... (with lengths=...), or both")
         return experts
 
-    def fuse(self, experts: Experts, mask: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    def fuse(self, experts: Experts, mask: dict[str, Tensor] | None = None) -> Posterior:
         """The posterior given the experts present, by `config.fusion`.
 
         Taught in notebooks/04_fusion.ipynb
 
-        Returns (mu, logvar), either B x z_dim (a Gaussian) or C x B x z_dim: the C components of a
-        uniform mixture. Which one:
-        - one expert (any fusion): that modality's posterior (for poe, its product with the prior).
-        - poe: the product of the experts and the prior, always B x z_dim. `mask` ({modality: B bool},
-          False = missing for that sample) drops an expert per sample, exactly as if it were left out.
+        Returns a `Posterior` (mu, logvar: C x B x z_dim), a uniform mixture of C Gaussians:
+        - one expert (any fusion): that modality's posterior, C = 1 (for poe, its product with the prior).
+        - poe: the product of the experts and the prior, C = 1. `mask` ({modality: B bool}, False =
+          missing for that sample) drops an expert per sample, exactly as if it were left out.
         - moe given both: the 2 experts, the components of the mixture.
         - mopoe given both: the PoE of every non-empty subset (image, text, joint): 3 components.
         - independent given both: an error: its two latents are different spaces, use `experts`.
@@ -136,14 +133,13 @@ class MultimodalVAE(nn.Module):
             if mask is not None:  # E x B, a modality absent from the mask is present everywhere
                 everywhere = torch.ones(mu.shape[1], dtype=torch.bool, device=mu.device)
                 present = torch.stack([mask.get(m, everywhere).to(mu.device) for m in names])
-            return product_of_experts(mu, logvar, present, prior_expert=True)
-        if len(names) == 1:
-            return mu[0], logvar[0]
-        if self.fusion == "moe":
-            return mu, logvar
+            mu, logvar = product_of_experts(mu, logvar, present, prior_expert=True)
+            return Posterior(mu.unsqueeze(0), logvar.unsqueeze(0))
+        if len(names) == 1 or self.fusion == "moe":
+            return Posterior(mu, logvar)
         if self.fusion == "mopoe":
             # subsets(range(E)) lists the same subsets, in the same order, as subsets(names), by index.
-            return mixture_of_products(mu, logvar, subsets(range(len(names))), prior_expert=False)
+            return Posterior(*mixture_of_products(mu, logvar, subsets(range(len(names))), prior_expert=False))
         raise ValueError(
             "fusion='independent' has no joint posterior: each modality has its own latent space. "
             "Encode one modality at a time, or use model.experts(image, text, lengths)"
@@ -155,12 +151,12 @@ class MultimodalVAE(nn.Module):
         text: Tensor | None = None,
         lengths: Tensor | None = None,
         mask: dict[str, Tensor] | None = None,
-    ) -> tuple[Tensor, Tensor]:
+    ) -> Posterior:
         """The posterior q(z | modalities passed): `fuse(experts(image, text, lengths), mask)`.
 
         Taught in notebooks/04_fusion.ipynb
 
-        Returns (mu, logvar): B x z_dim, or C x B x z_dim for a mixture (moe, mopoe given both); see `fuse`.
+        Returns a `Posterior` (mu, logvar: C x B x z_dim; C = 1 unless moe/mopoe given both); see `fuse`.
         """
         return self.fuse(self.experts(image, text, lengths), mask)
 
@@ -173,15 +169,12 @@ class MultimodalVAE(nn.Module):
 
         For a mixture posterior the mean is the average of its components' means.
         """
-        mu, _ = self.encode(image, text, lengths)
-        return mu.mean(0) if mu.dim() == 3 else mu
+        return self.encode(image, text, lengths).mean
 
     # --- generation: decoders ------------------------------------------------------------------------
 
     def log_likelihood(self, z: Tensor, batch: dict[str, Tensor], modality: str) -> Tensor:
         """log p(x_m | z) per sample, for the batch's image or caption.
-
-        Taught in notebooks/04_fusion.ipynb
 
         z: ... x B x z_dim (e.g. B, or K x B with K samples per data point). Returns ... x B.
         """
@@ -260,10 +253,8 @@ class MultimodalVAE(nn.Module):
 
     # --- training objectives -------------------------------------------------------------------------
 
-    def loss(self, batch: dict[str, Tensor], beta: float = 1.0) -> dict[str, Tensor]:
-        """The training loss of `config.fusion`, with its terms by name.
-
-        Taught in notebooks/04_fusion.ipynb
+    def forward(self, batch: dict[str, Tensor], beta: float = 1.0) -> dict[str, Tensor]:
+        """The training loss of `config.fusion`, with its terms by name: `model(batch, beta)`.
 
         batch: {"image": B x 3 x H x W, "text": B x T, "lengths": B, ...}; beta weighs the KL terms.
         Returns scalars: "loss" (mean over the batch of -objective; minimise it), "elbo" (the bound on
@@ -315,7 +306,7 @@ class MultimodalVAE(nn.Module):
 
     def _loss_poe(self, experts: Experts, batch: dict[str, Tensor], beta: float) -> dict[str, Tensor]:
         elbos = {
-            _subset_name(s): self._elbo(*self.fuse({m: experts[m] for m in s}), batch, s, beta)
+            _subset_name(s): self._elbo(*self._product(experts, s), batch, s, beta)
             for s in subsets(MODALITIES)
         }
         joint = elbos["joint"]
@@ -328,11 +319,16 @@ class MultimodalVAE(nn.Module):
             **{f"elbo_{name}": e["elbo"] for name, e in elbos.items()},
         }
 
+    def _product(self, experts: Experts, subset: tuple[str, ...]) -> tuple[Tensor, Tensor]:
+        """The PoE posterior of one subset of modalities: mu, logvar B x D."""
+        posterior = self.fuse({m: experts[m] for m in subset})
+        return posterior.mu[0], posterior.logvar[0]
+
     def _loss_moe(self, experts: Experts, batch: dict[str, Tensor], beta: float) -> dict[str, Tensor]:
-        mu, logvar = self.fuse(experts)  # E x B x D, the mixture's components (image, text)
-        z = mixture_of_experts_sample(mu, logvar)[0].squeeze(1)  # E x B x D: z[e] ~ q(z | x_e)
+        posterior = self.fuse(experts)  # E x B x D, the mixture's components (image, text)
+        z = mixture_of_experts_sample(*posterior)[0].squeeze(1)  # E x B x D: z[e] ~ q(z | x_e)
         log_likelihoods = {m: self.log_likelihood(z, batch, m) for m in MODALITIES}  # E x B each
-        kl = mixture_log_prob(z, mu, logvar) - gaussian_log_prob(z, torch.zeros_like(z), torch.zeros_like(z))
+        kl = posterior.log_prob(z) - log_standard_normal(z)  # one-sample estimate: no closed form
         terms = self._terms(log_likelihoods, kl, beta)  # E x B each
         return {
             **{name: value.mean(0) for name, value in terms.items()},  # stratified: average over experts
@@ -354,8 +350,6 @@ class MultimodalVAE(nn.Module):
     @torch.no_grad()
     def iwae(self, batch: dict[str, Tensor], k: int = 16, chunk_size: int = 8) -> dict[str, Tensor]:
         """Importance-weighted estimates (lower bounds) of log p(image), log p(text), log p(image, text).
-
-        Taught in notebooks/07_evaluation.ipynb
 
         The proposal is the model's posterior given the modalities in question (a mixture for moe and
         mopoe given both); k samples per data point, decoded `chunk_size` at a time to bound memory.
@@ -380,17 +374,10 @@ class MultimodalVAE(nn.Module):
         inputs = {"image": batch["image"]} if "image" in modalities else {}
         if "text" in modalities:
             inputs.update(text=batch["text"], lengths=batch["lengths"])
-        mu, logvar = self.encode(**inputs)
+        posterior = self.encode(**inputs)
         log_w = []
         for start in range(0, k, chunk_size):
-            n = min(chunk_size, k - start)
-            if mu.dim() == 3:  # a mixture posterior
-                z, _ = sample_mixture(mu, logvar, k=n)  # n x B x D
-                log_q = mixture_log_prob(z, mu, logvar)
-                log_pz = gaussian_log_prob(z, torch.zeros_like(z), torch.zeros_like(z))
-                log_w.append(sum(self.log_likelihood(z, batch, m) for m in modalities) + log_pz - log_q)
-            else:
-                z = reparameterize(mu, logvar, k=n)  # n x B x D
-                log_px = sum(self.log_likelihood(z, batch, m) for m in modalities)  # n x B
-                log_w.append(log_importance_weights(log_px, z, mu, logvar))
+            z = posterior.sample(k=min(chunk_size, k - start))  # n x B x D
+            log_px = sum(self.log_likelihood(z, batch, m) for m in modalities)  # n x B
+            log_w.append(log_px + log_standard_normal(z) - posterior.log_prob(z))
         return iwae_bound(torch.cat(log_w))  # k x B -> B

@@ -25,8 +25,6 @@ DECODE_METHODS = ("greedy", "sample", "beam")
 def check_lengths(text: Tensor, lengths: Tensor) -> None:
     """Fail early, with a useful message, on a text batch that breaks the batch contract.
 
-    Taught in notebooks/03_text_vae.ipynb
-
     text: B x T, lengths: B, each in [1, T].
     """
     if text.dim() != 2 or lengths.shape != text.shape[:1]:
@@ -101,8 +99,6 @@ def check_vocab_size(config: ModelConfig) -> None:
 class TextEncoder(nn.Module):
     """q(z | y): embeddings and a bidirectional GRU over the packed caption; its two final states give
     mu and logvar.
-
-    Taught in notebooks/03_text_vae.ipynb
     """
 
     def __init__(self, config: ModelConfig) -> None:
