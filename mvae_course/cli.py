@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
+
+from mvae_course.config import MAX_CAPTION_TOKENS, ON_BAD
 
 
 def _shapes(args: argparse.Namespace) -> int:
@@ -25,23 +28,52 @@ def _shapes(args: argparse.Namespace) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from mvae_course.data.cache import prepare_cache, read_captions
+    """`prepare`: bad input ends in one line on stderr and status 1 (`--debug`: the traceback too)."""
+    try:
+        with warnings.catch_warnings():  # what was left out: one line each, without a source line
+            warnings.showwarning = lambda message, *_: print(f"warning: {message}", file=sys.stderr)
+            return _prepare_cache(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as err:  # every failure is one line; --debug shows where it came from
+        if args.debug:
+            raise
+        known = isinstance(err, (ValueError, OSError))  # CocoDataError, CacheError, ConfigError, files
+        detail = "" if known else f"{type(err).__name__}: "
+        hint = "" if known else " (unexpected: rerun with --debug for the traceback)"
+        print(f"error: {detail}{' '.join(str(err).split())}{hint}", file=sys.stderr)
+        return 1
+
+
+def _prepare_cache(args: argparse.Namespace) -> int:
+    from mvae_course.data.cache import prepare_cache, read_captions, read_meta
     from mvae_course.data.text import CaptionTokenizer
 
+    tokenizer_path = None
     if args.tokenizer:
         tokenizer = CaptionTokenizer.load(args.tokenizer)
     else:
         fit_split = args.fit_split or args.split
-        tokenizer = CaptionTokenizer.fit(read_captions(args.root, fit_split), min_count=args.min_count)
+        captions = read_captions(args.root, fit_split, on_bad_entry=args.on_bad_entry)
+        tokenizer = CaptionTokenizer.fit(captions, min_count=args.min_count)
         tokenizer_path = Path(args.out).with_suffix(".tokenizer.json")
-        tokenizer_path.parent.mkdir(parents=True, exist_ok=True)
-        tokenizer.save(tokenizer_path)
-        print(f"fitted a {tokenizer.vocab_size}-token vocabulary on {fit_split}; saved to {tokenizer_path}")
+        print(f"fitted a {tokenizer.vocab_size}-token vocabulary on {fit_split}")
     out = prepare_cache(
         args.root, args.split, args.out, image_size=args.image_size, tokenizer=tokenizer,
-        workers=args.workers, on_bad_image=args.on_bad_image,
+        workers=args.workers, on_bad_image=args.on_bad_image, on_bad_entry=args.on_bad_entry,
+        max_caption_tokens=args.max_caption_tokens,
     )
-    print(f"wrote the cache to {out}")
+    if tokenizer_path is not None:  # only now: a failed run leaves a cache and its vocabulary as they were
+        tokenizer.save(tokenizer_path)
+        print(f"saved the vocabulary to {tokenizer_path}")
+    meta = read_meta(out)
+    left_out = [f"{problem}: {found['count']}" for problem, found in meta["bad_entries"].items()]
+    left_out += [f"unreadable images: {len(meta['skipped'])}"] if meta["skipped"] else []
+    summary = f"wrote the cache to {out}: {meta['n_images']} images, {meta['n_captions']} captions"
+    summary += f"; left out {', '.join(left_out)}" if left_out else ""
+    if meta["n_truncated"]:
+        summary += f"; {meta['n_truncated']} cut to {args.max_caption_tokens} tokens"
+    print(summary)
     return 0
 
 
@@ -67,7 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fit-split", help="split whose captions define the vocabulary (default: --split)")
     p.add_argument("--min-count", type=int, default=1, help="rarer wordpieces map to UNK")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--on-bad-image", choices=["raise", "skip"], default="raise")
+    p.add_argument("--on-bad-image", choices=ON_BAD, default="raise",
+                   help="an unreadable image (missing, corrupt, a decompression bomb): stop, or leave it out")
+    p.add_argument("--on-bad-entry", choices=ON_BAD, default="raise",
+                   help="a bad annotation entry (duplicate id, empty caption, ...): stop, or leave it out")
+    p.add_argument("--max-caption-tokens", type=int, default=MAX_CAPTION_TOKENS,
+                   help=f"cut longer captions to this many tokens (default: {MAX_CAPTION_TOKENS})")
+    p.add_argument("--debug", action="store_true", help="on an error, show the traceback too")
     p.set_defaults(func=_prepare)
 
     from mvae_course.compare import add_compare_arguments, run_compare
