@@ -10,19 +10,22 @@ random generator's state, the config and the tokenizer.
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from mvae_course.atomic import atomic_write, clean_stale_temps
+
 CHECKPOINT_KEYS = (
     "model", "optimizer", "scheduler", "step", "epoch", "batch_in_epoch", "best_val", "rng", "world_size",
     "config", "tokenizer",
 )
+
+
+RESUMABLE_CHANGES = {"on_bad_entry", "on_bad_image"}  # data keys a continuation may change
 
 
 class CheckpointError(RuntimeError):
@@ -40,36 +43,15 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     """Write `state` to `path` atomically: a run killed mid-save leaves the previous file intact.
 
     The bytes go to a temporary file in the same folder, are flushed to disk, and only then renamed
-    over `path` (`os.replace` is atomic on one file system). Taught in notebooks/06_coco_training.ipynb.
+    over `path` (`atomic.atomic_write`). Temporary files left by writers that were killed mid-save are
+    removed first. Taught in notebooks/06_coco_training.ipynb.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    clean_stale_temps(path.parent, f".{path.name}.tmp-*")
+    with atomic_write(path) as f:
+        torch.save(state, f)
     return path
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (POSIX); not possible, nor needed, on Windows."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -105,13 +87,15 @@ def check_compatible(saved: dict[str, Any], wanted: dict[str, Any], path: str | 
     """Raise `CheckpointError` when the saved config's data or model differ from the wanted config.
 
     Only the `data` and `model` sections must match: the training section (budget, learning rate,
-    logging) may change between a run and its continuation. Taught in notebooks/06_coco_training.ipynb.
+    logging) may change between a run and its continuation, and so may what to do with bad input
+    (`data.on_bad_*`), which decides whether a run stops, not what it trains on.
+    Taught in notebooks/06_coco_training.ipynb.
     """
     diffs = [
         f"{section}.{key}: checkpoint has {saved.get(section, {}).get(key)!r}, config has {value!r}"
         for section in ("data", "model")
         for key, value in wanted[section].items()
-        if _plain(saved.get(section, {}).get(key)) != _plain(value)
+        if key not in RESUMABLE_CHANGES and _plain(saved.get(section, {}).get(key)) != _plain(value)
     ]
     if diffs:
         raise CheckpointError(

@@ -10,13 +10,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 from mvae_course.checkpoint import CheckpointError
 from mvae_course.compare import compare
-from mvae_course.config import FUSIONS, PRESETS, Config, preset
-from mvae_course.data.cache import prepare_cache, read_captions
+from mvae_course.config import FUSIONS, MAX_CAPTION_TOKENS, ON_BAD, PRESETS, Config, preset
+from mvae_course.data.cache import prepare_cache, read_captions, read_meta
 from mvae_course.data.shapes import write_shapes
 from mvae_course.data.text import CaptionTokenizer
 from mvae_course.evaluate import evaluate_run
@@ -37,20 +38,31 @@ def run_shapes(args: argparse.Namespace) -> int:
 
 
 def run_prepare(args: argparse.Namespace) -> int:
+    tokenizer_path = None
     if args.tokenizer:
         tokenizer = CaptionTokenizer.load(args.tokenizer)
     else:
         fit_split = args.fit_split or args.split
-        tokenizer = CaptionTokenizer.fit(read_captions(args.root, fit_split), min_count=args.min_count)
+        captions = read_captions(args.root, fit_split, on_bad_entry=args.on_bad_entry)
+        tokenizer = CaptionTokenizer.fit(captions, min_count=args.min_count)
         tokenizer_path = Path(args.out).with_suffix(".tokenizer.json")
-        tokenizer_path.parent.mkdir(parents=True, exist_ok=True)
-        tokenizer.save(tokenizer_path)
-        print(f"fitted a {tokenizer.vocab_size}-token vocabulary on {fit_split}; saved to {tokenizer_path}")
+        print(f"fitted a {tokenizer.vocab_size}-token vocabulary on {fit_split}")
     out = prepare_cache(
         args.root, args.split, args.out, image_size=args.image_size, tokenizer=tokenizer,
-        workers=args.workers, on_bad_image=args.on_bad_image,
+        workers=args.workers, on_bad_image=args.on_bad_image, on_bad_entry=args.on_bad_entry,
+        max_caption_tokens=args.max_caption_tokens,
     )
-    print(f"wrote the cache to {out}")
+    if tokenizer_path is not None:  # only now: a failed run leaves a cache and its vocabulary as they were
+        tokenizer.save(tokenizer_path)
+        print(f"saved the vocabulary to {tokenizer_path}")
+    meta = read_meta(out)
+    left_out = [f"{problem}: {found['count']}" for problem, found in meta["bad_entries"].items()]
+    left_out += [f"unreadable images: {len(meta['skipped'])}"] if meta["skipped"] else []
+    summary = f"wrote the cache to {out}: {meta['n_images']} images, {meta['n_captions']} captions"
+    summary += f"; left out {', '.join(left_out)}" if left_out else ""
+    if meta["n_truncated"]:
+        summary += f"; {meta['n_truncated']} cut to {args.max_caption_tokens} tokens"
+    print(summary)
     return 0
 
 
@@ -102,14 +114,7 @@ def run_train(args: argparse.Namespace) -> int:
     """Run `mvae-course train`; returns the exit status."""
     cfg = config_from_args(args)
     out = args.out or Path("runs") / f"{cfg.name}-{cfg.data.dataset}-{cfg.model.fusion}"
-    try:
-        result = train(cfg, out, resume=args.resume, progress=not args.no_progress, data_dir=args.data_dir)
-    except KeyboardInterrupt:
-        return 130
-    except (NonFiniteLossError, CheckpointError, FileExistsError, FileNotFoundError, ValueError) as err:
-        # Bad input (a config, a data folder, a checkpoint): one clear line, not a traceback.
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    result = train(cfg, out, resume=args.resume, progress=not args.no_progress, data_dir=args.data_dir)
     if int(os.environ.get("RANK", "0")) == 0:
         val = ", ".join(f"{k} {v:.4g}" for k, v in result.val.items())
         print(f"trained {result.step} steps; validation: {val}")
@@ -177,9 +182,14 @@ def run_course(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mvae-course", description=__doc__.splitlines()[0])
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="on an error, show the traceback too")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("shapes", help="write the built-in synthetic image-caption set in COCO's format")
+    def command(name: str, help: str) -> argparse.ArgumentParser:  # every command takes --debug
+        return sub.add_parser(name, help=help, parents=[common])
+
+    p = command("shapes", "write the built-in synthetic image-caption set in COCO's format")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--train", type=int, default=2000, help="training images")
     p.add_argument("--val", type=int, default=200, help="validation images")
@@ -188,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=64)
     p.set_defaults(func=run_shapes)
 
-    p = sub.add_parser("prepare", help="decode images once into the preprocessing cache training reads")
+    p = command("prepare", "decode images once into the preprocessing cache training reads")
     p.add_argument("--root", required=True, help="COCO-style folder (annotations/captions_<split>.json)")
     p.add_argument("--split", required=True, help="e.g. train2017, val2017, or train/val for shapes")
     p.add_argument("--out", required=True, help="cache path")
@@ -197,30 +207,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fit-split", help="split whose captions define the vocabulary (default: --split)")
     p.add_argument("--min-count", type=int, default=1, help="rarer wordpieces map to UNK")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--on-bad-image", choices=["raise", "skip"], default="raise")
+    p.add_argument("--on-bad-image", choices=ON_BAD, default="raise",
+                   help="an unreadable image (missing, corrupt, a decompression bomb): stop, or leave it out")
+    p.add_argument("--on-bad-entry", choices=ON_BAD, default="raise",
+                   help="a bad annotation entry (duplicate id, empty caption, ...): stop, or leave it out")
+    p.add_argument("--max-caption-tokens", type=int, default=MAX_CAPTION_TOKENS,
+                   help=f"cut longer captions to this many tokens (default: {MAX_CAPTION_TOKENS})")
     p.set_defaults(func=run_prepare)
 
-    p = sub.add_parser("train", help="train a multimodal VAE")
+    p = command("train", "train a multimodal VAE")
     add_train_arguments(p)
     p.set_defaults(func=run_train)
 
-    p = sub.add_parser("evaluate", help="measure a trained run: coherence, retrieval, caption metrics, IWAE")
+    p = command("evaluate", "measure a trained run: coherence, retrieval, caption metrics, IWAE")
     add_evaluate_arguments(p)
     p.set_defaults(func=run_evaluate)
 
-    p = sub.add_parser("compare", help="train every fusion with the same budget and tabulate the metrics")
+    p = command("compare", "train every fusion with the same budget and tabulate the metrics")
     add_compare_arguments(p)
     p.set_defaults(func=run_compare)
 
-    p = sub.add_parser("exercises", help="build exercises/ from solutions/, or check it is up to date")
+    p = command("exercises", "build exercises/ from solutions/, or check it is up to date")
     add_exercises_arguments(p)
     p.set_defaults(func=run_exercises)
 
-    p = sub.add_parser("grade", help="grade submitted exercise notebooks, each in its own kernel")
+    p = command("grade", "grade submitted exercise notebooks, each in its own kernel")
     add_grade_arguments(p)
     p.set_defaults(func=run_grade)
 
-    p = sub.add_parser("course", help="run the course's main job end to end on the built-in data")
+    p = command("course", "run the course's main job end to end on the built-in data")
     p.add_argument("--out", default="build", help="where figures and runs go")
     p.add_argument("--preset", default="cpu", help="tiny for a smoke run, cpu for the real thing")
     p.add_argument("--max-steps", type=int, help="override the preset's training budget")
@@ -228,9 +243,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Errors a user can cause and fix (a bad config, data folder, checkpoint, argument): one line, no traceback.
+EXPECTED_ERRORS = (ValueError, OSError, CheckpointError, NonFiniteLossError)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; bad input ends in one `error:` line and status 1 (`--debug`: the traceback too)."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        with warnings.catch_warnings():  # a warning is one line too, without a source line
+            warnings.showwarning = lambda message, *_: print(f"warning: {message}", file=sys.stderr)
+            return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as err:
+        if args.debug:
+            raise
+        known = isinstance(err, EXPECTED_ERRORS)
+        detail = "" if known else f"{type(err).__name__}: "
+        hint = "" if known else " (unexpected: rerun with --debug for the traceback)"
+        print(f"error: {detail}{' '.join(str(err).split())}{hint}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ Set MVAE_SMOKE=0 to test the notebooks with their full defaults instead.
 import io
 import json
 import os
+import struct
+import zlib
 from pathlib import Path
 
 import pytest
@@ -71,3 +73,20 @@ def jpeg_bytes(img: Image.Image, **kw) -> bytes:
     buf = io.BytesIO()
     img.save(buf, "JPEG", **kw)
     return buf.getvalue()
+
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A PNG of a few bytes whose header claims width x height pixels: what a decompression bomb looks like
+    to PIL, which checks the size in the header before decoding anything."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit greyscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def three_images(root: Path) -> Path:
+    """Images 1, 2, 3 (0.png, 1.png, 2.png) with two captions each; annotation ids from 100."""
+    images = {f"{n}.png": Image.new("RGB", (8, 8), (n * 60, 0, 0)) for n in range(3)}
+    return write_coco(root, images, {name: [f"a red square {name}", f"a blue circle {name}"] for name in images})

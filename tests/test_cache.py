@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from conftest import jpeg_bytes, need_coco_mini, write_coco
+from conftest import jpeg_bytes, need_coco_mini, png_bomb, three_images, write_coco
 
+from mvae_course.atomic import HOST
 from mvae_course.data import cache as cache_module
 from mvae_course.data.cache import (
     CacheError,
@@ -258,3 +261,112 @@ def test_cache_on_the_gpu_serves_the_same_batches(cache):
     on_cpu = CacheLoader(cache, 4, seed=2, captions="all")
     for x, y in zip(on_gpu, on_cpu):
         assert all(x[k].device.type == "cuda" and torch.equal(x[k].cpu(), y[k]) for k in y)
+
+
+# --- captions cut to max_caption_tokens, bad entries and bombs in meta.json, format versions ---------------
+
+
+def test_long_captions_are_cut_and_counted(tmp_path, capsys):
+    essay = " ".join(["red square"] * 2500)  # 5,000 words
+    images = {"a.png": Image.new("RGB", (8, 8)), "b.png": Image.new("RGB", (8, 8))}
+    root = write_coco(tmp_path / "coco", images, {"a.png": ["a red square", essay], "b.png": ["a blue circle"]})
+    tokenizer = CaptionTokenizer.fit(read_captions(root, "train"))
+    c = load_cache(prepare_cache(root, "train", tmp_path / "cut", 8, tokenizer, workers=1))
+    lengths = (c.offsets[1:] - c.offsets[:-1]).tolist()
+    assert sorted(lengths) == [3, 3, 32] and c.meta["n_truncated"] == 1 and c.meta["max_caption_tokens"] == 32
+    long = lengths.index(32)
+    assert c.tokens[c.offsets[long] : c.offsets[long + 1]].tolist() == tokenizer.encode(essay)[:32]
+    assert "train: cut 1 of 3 captions to 32 tokens" in capsys.readouterr().out
+    batch = next(iter(CacheLoader(c, batch_size=3, captions="all", shuffle=False)))
+    assert batch["text"].shape[1] == 33, "the longest row: 32 content ids + EOS"
+
+    whole = load_cache(prepare_cache(root, "train", tmp_path / "whole", 8, tokenizer, workers=1,
+                                     max_caption_tokens=None))
+    assert int((whole.offsets[1:] - whole.offsets[:-1]).max()) == 5000 and whole.meta["n_truncated"] == 0
+    with pytest.raises(StaleCacheError, match="max_caption_tokens: cache has None, expected 32"):
+        load_cache(tmp_path / "whole", cache_key(root, "train", 8, tokenizer))
+    with pytest.raises(ValueError, match="max_caption_tokens must be a positive integer or None, got 0"):
+        prepare_cache(root, "train", tmp_path / "zero", 8, tokenizer, max_caption_tokens=0)
+
+
+def test_a_cache_of_an_older_format_is_rebuilt(coco, tokenizer, tmp_path):
+    out = tmp_path / "train"
+    ensure_cache(coco, "train", out, 16, tokenizer, workers=1)
+    meta = json.loads((out / "meta.json").read_text())
+    (out / "meta.json").write_text(json.dumps({**meta, "format": 1}))
+    with pytest.raises(StaleCacheError, match=f"format: cache has 1, expected {cache_module.FORMAT}"):
+        load_cache(out)
+    with pytest.warns(UserWarning, match="rebuilding.*format"):
+        assert ensure_cache(coco, "train", out, 16, tokenizer, workers=1).meta["format"] == cache_module.FORMAT
+
+
+def test_skipped_entries_and_bombs_are_counted_in_meta(tmp_path):
+    root = three_images(tmp_path / "coco")
+    (root / "train" / "1.png").write_bytes(png_bomb(20000, 20000))
+    path = root / "annotations" / "captions_train.json"
+    data = json.loads(path.read_text())
+    data["annotations"] += [{"id": 900 + k, "image_id": 3, "caption": ""} for k in range(7)]
+    path.write_text(json.dumps(data))
+    with pytest.raises(CocoDataError, match=r"empty captions: 7 \(annotation id 900"):
+        prepare_cache(root, "train", tmp_path / "c", 8, workers=1, on_bad_image="skip")
+    with pytest.raises(CocoDataError, match=r"1\.png: refused as a possible decompression bomb"), pytest.warns(
+        UserWarning, match="skipped bad entries"
+    ):
+        prepare_cache(root, "train", tmp_path / "c", 8, workers=1, on_bad_entry="skip")
+    with pytest.warns(UserWarning):
+        out = prepare_cache(root, "train", tmp_path / "c", 8, workers=2, on_bad_image="skip", on_bad_entry="skip")
+    meta = load_cache(out).meta
+    assert meta["bad_entries"] == {"empty captions": {"count": 7, "first": [f"annotation id {900 + k}" for k in range(5)]}}
+    assert [Path(p).name for p in meta["skipped"]] == ["1.png"] and "decompression bomb" in meta["skipped"][
+        str(root / "train" / "1.png")]
+    assert meta["n_images"] == 2 and meta["n_captions"] == 4
+
+
+def test_an_output_path_under_a_file_is_a_clear_error(coco, tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(CacheError, match=r"cannot create the folder of the cache .*file/train: "):
+        prepare_cache(coco, "train", tmp_path / "file" / "train", 8)
+
+
+# --- builders of one cache at the same time --------------------------------------------------------------
+
+
+def _build_in_child(fn_name: str, coco, out, tokenizer, delay: float) -> None:
+    """Child process: `ensure_cache` or `prepare_cache` with a slow decode; exits with how often it built."""
+    builds = []
+    build, decode = cache_module._build, cache_module._decode_all
+
+    def counted(*args):
+        builds.append(1)
+        return build(*args)
+
+    def slow(*args, **kwargs):
+        time.sleep(delay)
+        return decode(*args, **kwargs)
+
+    cache_module._build, cache_module._decode_all = counted, slow
+    getattr(cache_module, fn_name)(coco, "train", out, 16, tokenizer, workers=1)
+    load_cache(out)
+    sys.exit(len(builds))
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs fork")
+@pytest.mark.parametrize("second", ["ensure_cache", "prepare_cache"])
+def test_a_second_builder_waits_and_never_deletes_the_first_ones_work(coco, tokenizer, tmp_path, second):
+    out = tmp_path / "train"
+    ctx = multiprocessing.get_context("fork")
+    first = ctx.Process(target=_build_in_child, args=("ensure_cache", coco, out, tokenizer, 1.5))
+    first.start()
+    deadline = time.monotonic() + 30
+    while not list(tmp_path.glob(".train.tmp-*")) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    live = list(tmp_path.glob(".train.tmp-*"))
+    assert live and live[0].name.endswith(f"-{first.pid}@{HOST}"), "the first builder is at work"
+    other = ctx.Process(target=_build_in_child, args=(second, coco, out, tokenizer, 0.0))
+    other.start()
+    other.join(60)
+    first.join(60)
+    assert first.exitcode == 1, "the first builder finished: its temporary folder was left alone"
+    # ensure_cache reuses what the first built; prepare_cache (an explicit rebuild) builds after it.
+    assert other.exitcode == (0 if second == "ensure_cache" else 1)
+    assert len(load_cache(out)) == N_IMAGES and not list(tmp_path.glob(".train.tmp-*"))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,11 +16,14 @@ from mvae_course.data.coco import (
     CocoCaptionDataset,
     CocoDataError,
     collate_captions,
+    describe_bad_entries,
+    load_coco,
     load_image,
+    read_annotations,
     read_captions,
 )
 from mvae_course.data.text import EOS, PAD, CaptionTokenizer
-from conftest import jpeg_bytes, need_coco_mini, write_coco
+from conftest import jpeg_bytes, need_coco_mini, png_bomb, three_images, write_coco
 
 
 @pytest.fixture(scope="module")
@@ -199,3 +204,126 @@ def test_same_captions_as_torchvision_coco_captions():
             assert ours.captions(image_id) == theirs._load_target(image_id)
     item = ours[0]
     assert item["image"].shape == (3, 64, 64) and item["caption"] in ours.captions(item["image_id"])
+
+
+# --- bad entries in the annotation file ------------------------------------------------------------
+
+
+def edit_annotations(root: Path, edit) -> None:
+    path = root / "annotations" / "captions_train.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def caption_of(image_id: int):
+    """The first annotation of an image, to damage in place."""
+    return lambda data: next(a for a in data["annotations"] if a["image_id"] == image_id)
+
+
+def _set(get, key, value):
+    return lambda data: get(data).__setitem__(key, value)
+
+
+def _drop(get, key):
+    return lambda data: get(data).pop(key)
+
+
+# (case, edit of the annotation data, the problem as the message names it, its entries, images kept by "skip")
+BAD_ENTRIES = [
+    ("duplicate image id", lambda d: d["images"].append({"id": 1, "file_name": "2.png"}),
+     "duplicate image ids", ["image id 1 used 2 times"], [2, 3]),
+    ("dangling caption", lambda d: d["annotations"].append({"id": 500, "image_id": 42, "caption": "orphan"}),
+     "captions of an image id not in 'images'", ["annotation id 500 refers to image id 42"], [1, 2, 3]),
+    ("empty caption", _set(caption_of(2), "caption", "  \n"), "empty captions", [r"annotation id \d+"], [1, 2, 3]),
+    ("caption None", _set(caption_of(2), "caption", None),
+     "non-string captions", [r"annotation id \d+ has caption None"], [1, 2, 3]),
+    ("caption a number", _set(caption_of(3), "caption", 5),
+     "non-string captions", [r"annotation id \d+ has caption 5"], [1, 2, 3]),
+    ("image without captions", lambda d: d["images"].append({"id": 4, "file_name": "0.png"}),
+     "images without captions", ["image id 4"], [1, 2, 3]),
+    ("string image id", lambda d: d["images"][1].__setitem__("id", "2"),
+     "non-integer image ids", [r"images\[1\] has id '2'"], [1, 3]),
+    ("image without file_name", lambda d: d["images"][2].pop("file_name"),
+     "image entries without an id and a file_name", [r"images\[2\]"], [1, 2]),
+    ("annotation without id", _drop(caption_of(1), "id"),
+     "annotation entries without an integer id, an image_id and a caption", [r"annotations\[\d+\]"], [1, 2, 3]),
+]
+
+
+@pytest.mark.parametrize("case, edit, problem, entries, kept", BAD_ENTRIES, ids=[c[0] for c in BAD_ENTRIES])
+def test_a_bad_entry_raises_naming_the_file_and_entry_or_is_skipped_with_a_count(
+    tmp_path, case, edit, problem, entries, kept
+):
+    root = three_images(tmp_path)
+    edit_annotations(root, edit)
+    ann = root / "annotations" / "captions_train.json"
+    with pytest.raises(CocoDataError) as info:
+        CocoCaptionDataset(root, "train")
+    message = str(info.value)
+    assert message.startswith(f"{ann}: bad entries: ") and "\n" not in message
+    assert re.search(re.escape(problem) + rf": 1 \({entries[0]}\)", message), message
+    assert "on_bad_entry='skip'" in message
+    with pytest.raises(CocoDataError, match=re.escape(problem)):
+        read_captions(root, "train")  # what a tokenizer is fitted on: the same check
+
+    with pytest.warns(UserWarning, match=rf"{re.escape(str(ann))}: skipped bad entries: .*{re.escape(problem)}: 1"):
+        ds = CocoCaptionDataset(root, "train", on_bad_entry="skip")
+    assert ds.image_ids == kept
+    assert len(ds.bad_entries[problem]) == 1
+    assert all(isinstance(c, str) and c.strip() for i in ds.image_ids for c in ds.captions(i))
+    for item in map(ds.__getitem__, range(len(ds))):  # each caption still names its own image's file
+        assert item["caption"].endswith(ds.coco.imgs[item["image_id"]]["file_name"])
+
+
+def test_a_string_id_is_named_as_such_not_as_a_missing_image(tmp_path):
+    root = three_images(tmp_path)
+    edit_annotations(root, lambda d: [img.__setitem__("id", str(img["id"])) for img in d["images"]])
+    with pytest.raises(CocoDataError, match=r"non-integer image ids: 3 \(images\[0\] has id '1', images\[1\]"):
+        load_coco(root, "train")
+
+
+def test_no_usable_caption_is_refused_even_when_skipping(tmp_path):
+    root = three_images(tmp_path)
+    edit_annotations(root, lambda d: [a.__setitem__("caption", "") for a in d["annotations"]])
+    for on_bad_entry in ("raise", "skip"):
+        with pytest.raises(CocoDataError, match=r"no usable caption among its 6 annotations \(empty captions: 6 "
+                                                r"\(.*, and 3 more\).*a vocabulary needs words"):
+            read_captions(root, "train", on_bad_entry=on_bad_entry)
+    edit_annotations(root, lambda d: d.__setitem__("annotations", []))
+    with pytest.raises(CocoDataError, match=r"no usable caption among its 0 annotations \(images without captions: 3"):
+        CocoCaptionDataset(root, "train", on_bad_entry="skip")
+
+
+def test_a_good_file_has_no_bad_entries_and_all_problems_share_one_line(tmp_path):
+    root = three_images(tmp_path)
+    assert read_annotations(root, "train")[1] == {}
+    bad = {"empty captions": [f"annotation id {i}" for i in range(5)], "images without captions": ["image id 9"]}
+    assert describe_bad_entries(bad) == (
+        "empty captions: 5 (annotation id 0, annotation id 1, annotation id 2, and 2 more); "
+        "images without captions: 1 (image id 9)"
+    )
+    with pytest.raises(ValueError, match="on_bad_entry must be one of"):
+        read_annotations(root, "train", on_bad_entry="ignore")
+
+
+@pytest.mark.parametrize("side", [20000, 10000], ids=["bomb", "bomb-warning-size"])
+def test_a_decompression_bomb_is_a_named_bad_image(tmp_path, side):
+    # 20000^2 pixels is over PIL's error limit; 10000^2 only over its warning limit, refused all the same.
+    images = {"0.png": Image.new("RGB", (8, 8), (200, 0, 0)), "1.png": png_bomb(side, side),
+              "2.png": Image.new("RGB", (8, 8), (0, 0, 200))}
+    root = write_coco(tmp_path, images, {name: [f"caption {name}"] for name in images})
+    with pytest.raises(CocoDataError, match=r"1\.png: refused as a possible decompression bomb: Image size "
+                                            rf"\({side * side} pixels\) exceeds limit"):
+        CocoCaptionDataset(root, "train", image_size=8)[1]
+    skipping = CocoCaptionDataset(root, "train", image_size=8, on_bad_image="skip")
+    with pytest.warns(UserWarning, match=r"1\.png: refused as a possible decompression bomb"):
+        assert skipping[1]["image_id"] == 3
+    assert list(skipping.skipped) == [str(root / "train" / "1.png")]
+
+
+def test_image_size_must_be_positive(tmp_path):
+    root = three_images(tmp_path)
+    for size in (0, -8, 8.0):
+        with pytest.raises(ValueError, match=rf"image_size must be a positive integer \(pixels\), got {size}"):
+            CocoCaptionDataset(root, "train", image_size=size)

@@ -20,6 +20,7 @@ from mvae_course.data.text import (
     bert_tokenizer,
     normalise,
     pad_captions,
+    truncate_captions,
 )
 from conftest import need_coco_mini
 
@@ -156,3 +157,12 @@ def test_load_bad_files_fail_clearly(tmp_path):
     bad.write_text(json.dumps(data))
     with pytest.raises(ValueError, match="notawordpiecexyz"):
         CaptionTokenizer.load(bad)
+
+
+def test_truncate_captions_cuts_and_counts():
+    ids = [[5, 6, 7, 8], [5], [], [9, 9, 9]]
+    assert truncate_captions(ids, 3) == ([[5, 6, 7], [5], [], [9, 9, 9]], 1)
+    assert truncate_captions(ids, None) == (ids, 0)
+    for bad in (0, -1, 2.5, True, "32"):
+        with pytest.raises(ValueError, match="max_caption_tokens must be a positive integer or None"):
+            truncate_captions(ids, bad)

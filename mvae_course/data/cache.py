@@ -12,14 +12,17 @@ each image of a split once (in worker processes, with the geometry of `coco.load
     out/caption_image.npy  M int64: the image (row of images.npy) of caption m, non-decreasing
     out/text.json          the raw caption strings and the per-image `attributes` (null for COCO)
     out/meta.json          what the cache was built from (annotation file's size, mtime, sha256;
-                           image_size; tokenizer hash; split), written last
+                           image_size; tokenizer hash; max_caption_tokens; split) and what was left
+                           out (bad entries, bad images, captions cut to max_caption_tokens), written last
 
 Why a folder of .npy files: `np.load(mmap_mode=...)` opens each in one call without copying, so
 opening a cache of full COCO (118k images, 1.4 GB at 64 x 64) is instant, the OS page cache shares
 it between processes, and `CaptionCache.to("cuda")` reads it once, straight into GPU memory. The
-folder is written under a temporary name beside `out` and renamed into place (`os.replace`), so an
-interrupted run never leaves a cache that loads. `CacheLoader` then serves batches with tensor index
-operations only, on any device.
+folder is written under a temporary name beside `out` and renamed into place (`atomic.atomic_dir`), so
+an interrupted run never leaves a cache that loads. Builders of one cache take turns (`atomic.FileLock`
+on `.<name>.lock` beside it): a second one waits, and `ensure_cache` then reuses what the first built;
+temporary folders of builders that died are removed, those of live ones never. `CacheLoader` then
+serves batches with tensor index operations only, on any device.
 """
 
 from __future__ import annotations
@@ -28,8 +31,6 @@ import hashlib
 import json
 import math
 import multiprocessing
-import os
-import shutil
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -41,6 +42,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from mvae_course.atomic import FileLock, atomic_dir, clean_stale_temps
+from mvae_course.config import MAX_CAPTION_TOKENS
 from mvae_course.data.coco import (
     CocoCaptionDataset,
     CocoDataError,
@@ -48,7 +51,7 @@ from mvae_course.data.coco import (
     load_image,
     read_captions,
 )
-from mvae_course.data.text import EOS, PAD
+from mvae_course.data.text import EOS, PAD, check_max_tokens, truncate_captions
 
 __all__ = [
     "CacheError",
@@ -63,7 +66,8 @@ __all__ = [
     "read_captions",
 ]
 
-FORMAT = 1  # bump when the layout or the image geometry changes: old caches then read as stale
+FORMAT = 2  # bump when the layout, the geometry or the captions change: old caches then read as stale
+# 2: captions cut to max_caption_tokens; annotation files checked for bad entries
 ARRAYS = ("images", "image_ids", "tokens", "offsets", "caption_image")
 CHUNK = 64  # most images per worker task
 
@@ -96,7 +100,12 @@ def source_fingerprint(path: Path, known: dict[str, Any] | None = None) -> dict[
 
 
 def cache_key(
-    root: str | Path, split: str, image_size: int, tokenizer: Any = None, known_source: dict | None = None
+    root: str | Path,
+    split: str,
+    image_size: int,
+    tokenizer: Any = None,
+    known_source: dict | None = None,
+    max_caption_tokens: int | None = MAX_CAPTION_TOKENS,
 ) -> dict[str, Any]:
     """What a cache must have been built from to be reused: compared key by key by `load_cache(expect=...)`.
 
@@ -110,6 +119,7 @@ def cache_key(
         "split": split,
         "image_size": image_size,
         "tokenizer": tokenizer_hash(tokenizer),
+        "max_caption_tokens": max_caption_tokens,
         "source_sha256": source["sha256"],
     }
 
@@ -160,13 +170,17 @@ def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _token_arrays(captions: list[str], tokenizer: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Content ids of all captions concatenated (int16 while the vocabulary fits), and M + 1 offsets."""
+def _token_arrays(
+    captions: list[str], tokenizer: Any, max_tokens: int | None
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Content ids of all captions, each cut to `max_tokens`, concatenated (int16 while the vocabulary
+    fits); M + 1 offsets; and how many captions were cut."""
     ids = tokenizer.encode_batch(captions) if tokenizer is not None else [[] for _ in captions]
+    ids, n_cut = truncate_captions(ids, max_tokens)
     dtype = np.int16 if tokenizer is None or tokenizer.vocab_size <= np.iinfo(np.int16).max else np.int32
     offsets = np.zeros(len(captions) + 1, dtype=np.int64)
     np.cumsum([len(t) for t in ids], out=offsets[1:])
-    return np.fromiter((t for c in ids for t in c), dtype=dtype, count=int(offsets[-1])), offsets
+    return np.fromiter((t for c in ids for t in c), dtype=dtype, count=int(offsets[-1])), offsets, n_cut
 
 
 def prepare_cache(
@@ -177,27 +191,56 @@ def prepare_cache(
     tokenizer: Any = None,
     workers: int = 2,
     on_bad_image: str = "raise",
+    on_bad_entry: str = "raise",
+    max_caption_tokens: int | None = MAX_CAPTION_TOKENS,
 ) -> Path:
     """Decode, resize and tokenise one split into the cache folder `out`, atomically; returns `out`.
 
     Taught in notebooks/05_coco_data.ipynb.
 
     `tokenizer`: a fitted `CaptionTokenizer` (fit it on the train split's `read_captions`); without one
-    only images and raw captions are stored. `on_bad_image="skip"` drops unreadable images with their
-    captions and records them in meta.json's `skipped`.
+    only images and raw captions are stored. `on_bad_entry="skip"` leaves bad annotation entries out
+    (`coco.check_annotations`), `on_bad_image="skip"` unreadable images with their captions; meta.json
+    counts both (`bad_entries`, `skipped`). Captions longer than `max_caption_tokens` content ids are
+    cut (None: kept whole), counted in `n_truncated`. A second builder of the same `out` waits.
     """
-    ds = CocoCaptionDataset(root, split, image_size, on_bad_image=on_bad_image)
+    out = Path(out)
+    with _build_lock(out):
+        return _build(root, split, out, image_size, tokenizer, workers, on_bad_image, on_bad_entry,
+                      max_caption_tokens)
+
+
+def _build_lock(out: Path) -> FileLock:
+    """The lock that builders of the cache `out` take turns on, beside it (its folder is created)."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CacheError(f"cannot create the folder of the cache {out}: {e.strerror} ({e.filename})") from e
+    return FileLock(out.parent / f".{out.name}.lock", f"building the cache {out}")
+
+
+def _build(
+    root: str | Path,
+    split: str,
+    out: Path,
+    image_size: int,
+    tokenizer: Any,
+    workers: int,
+    on_bad_image: str,
+    on_bad_entry: str,
+    max_caption_tokens: int | None,
+) -> Path:
+    """`prepare_cache` with its lock held."""
+    check_max_tokens(max_caption_tokens)  # before minutes of decoding, not after
+    ds = CocoCaptionDataset(root, split, image_size, on_bad_image=on_bad_image, on_bad_entry=on_bad_entry)
     if not ds.image_ids:
         raise CocoDataError(f"{ds.annotation_file}: no images with captions to cache")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for leftover in [*out.parent.glob(f".{out.name}.tmp-*"), *out.parent.glob(f".{out.name}.old-*")]:
-        shutil.rmtree(leftover, ignore_errors=True)  # left behind by a killed run
+    for kind in ("tmp", "old"):  # left behind by builders that were killed
+        clean_stale_temps(out.parent, f".{out.name}.{kind}-*")
     source = source_fingerprint(ds.annotation_file)
-    meta = cache_key(root, split, image_size, tokenizer, known_source=source)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    tmp.mkdir()
-    try:
+    meta = cache_key(root, split, image_size, tokenizer, known_source=source,
+                     max_caption_tokens=max_caption_tokens)
+    with atomic_dir(out) as tmp:
         paths = [str(ds.image_path(i)) for i in ds.image_ids]
         shape = (len(paths), 3, image_size, image_size)
         images = np.lib.format.open_memmap(tmp / "images.npy", "w+", np.uint8, shape)
@@ -219,7 +262,9 @@ def prepare_cache(
         image_ids = [ds.image_ids[n] for n in keep]
         captions = [ds.captions(i) for i in image_ids]
         flat = [c for caps in captions for c in caps]
-        tokens, offsets = _token_arrays(flat, tokenizer)
+        tokens, offsets, n_truncated = _token_arrays(flat, tokenizer, max_caption_tokens)
+        if n_truncated:
+            print(f"{split}: cut {n_truncated} of {len(flat)} captions to {max_caption_tokens} tokens")
         attributes = [ds.coco.imgs[i].get("attributes") for i in image_ids]
         np.save(tmp / "image_ids.npy", np.asarray(image_ids, dtype=np.int64))
         np.save(tmp / "tokens.npy", tokens)
@@ -234,17 +279,12 @@ def prepare_cache(
             vocab_size=None if tokenizer is None else tokenizer.vocab_size,
             n_images=len(image_ids),
             n_captions=len(flat),
+            n_truncated=n_truncated,
+            bad_entries={problem: {"count": len(entries), "first": entries[:5]}
+                         for problem, entries in ds.bad_entries.items()},
             skipped={**ds.skipped, **{paths[n]: msg for n, msg in errors.items()}},
         )
         _write_json(tmp / "meta.json", meta)  # last: a folder without meta.json is not a cache
-
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        if out.exists():
-            os.replace(out, old)  # os.replace cannot overwrite a non-empty folder
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -344,26 +384,43 @@ def ensure_cache(
     tokenizer: Any = None,
     workers: int = 2,
     on_bad_image: str = "raise",
+    on_bad_entry: str = "raise",
+    max_caption_tokens: int | None = MAX_CAPTION_TOKENS,
 ) -> CaptionCache:
     """Load the cache at `out` if it was built from these files and parameters, else (re)build it.
 
     Taught in notebooks/05_coco_data.ipynb.
 
-    Call it from one process only (rank 0 under DDP), then `load_cache` everywhere.
+    Several processes may call it at once: one builds, the others wait and then load what it built.
+    The `on_bad_*` choices only matter when it builds (meta.json says what was left out).
     """
-    try:
-        known = read_meta(out).get("source")
-    except CacheError:
-        known = None
-    expect = cache_key(root, split, image_size, tokenizer, known_source=known)
-    try:
-        return load_cache(out, expect)
-    except StaleCacheError as e:
-        warnings.warn(f"rebuilding: {e}")
-    except CacheError:
-        pass  # no cache yet
-    prepare_cache(root, split, out, image_size, tokenizer, workers, on_bad_image)
-    return load_cache(out, expect)
+    out = Path(out)
+
+    def fresh(say_stale: bool) -> CaptionCache | None:
+        try:
+            known = read_meta(out).get("source")
+        except CacheError:
+            known = None
+        expect = cache_key(root, split, image_size, tokenizer, known, max_caption_tokens)
+        try:
+            return load_cache(out, expect)
+        except StaleCacheError as e:
+            if say_stale:
+                warnings.warn(f"rebuilding: {e}")
+        except CacheError:
+            pass  # no cache yet
+        return None
+
+    cache = fresh(say_stale=True)  # without the lock: an up-to-date read-only cache needs no lock file
+    if cache is not None:
+        return cache
+    with _build_lock(out):
+        cache = fresh(say_stale=False)  # another process may have built it while this one waited
+        if cache is None:
+            _build(root, split, out, image_size, tokenizer, workers, on_bad_image, on_bad_entry,
+                   max_caption_tokens)
+            cache = load_cache(out)
+    return cache
 
 
 class CacheLoader:

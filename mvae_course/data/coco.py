@@ -23,6 +23,7 @@ import contextlib
 import io
 import json
 import warnings
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,9 +35,9 @@ from PIL import Image
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
+from mvae_course.config import ON_BAD
 from mvae_course.data.text import pad_captions
 
-ON_BAD_IMAGE = ("raise", "skip")
 CAPTION_MODES = ("random", "all")
 
 LAYOUT_HELP = (
@@ -82,47 +83,132 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _check_layout(path: Path, data: Any) -> None:
-    """The few fields this reader relies on, checked before pycocotools indexes them."""
+    """The two lists this reader relies on; what is wrong inside them is `check_annotations`'s business."""
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(
         data.get("annotations"), list
     ):
         raise CocoDataError(
             f"{path}: expected a JSON object with lists 'images' and 'annotations'. {LAYOUT_HELP}"
         )
-    ids = set()
-    for k, img in enumerate(data["images"]):
-        if not isinstance(img, dict) or "id" not in img or "file_name" not in img:
-            raise CocoDataError(f"{path}: images[{k}] needs an 'id' and a 'file_name', got {img!r:.200}")
-        ids.add(img["id"])
-    for k, ann in enumerate(data["annotations"]):
-        if not isinstance(ann, dict) or not isinstance(ann.get("caption"), str) or "image_id" not in ann:
-            raise CocoDataError(
-                f"{path}: annotations[{k}] needs an 'image_id' and a string 'caption', got {ann!r:.200}"
-            )
-        if ann["image_id"] not in ids:
-            raise CocoDataError(
-                f"{path}: annotations[{k}] refers to image id {ann['image_id']}, which is not in 'images'"
-            )
 
 
-def load_coco(root: str | Path, split: str) -> COCO:
-    """The validated, indexed caption annotations of one split, as a pycocotools `COCO` object.
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
-    Taught in notebooks/05_coco_data.ipynb.
+
+def _name(kind: str, k: int, entry: Any) -> str:
+    """How a message names entry `k` of `kind`s: by its COCO id when it has one, else by its position."""
+    if isinstance(entry, dict) and _is_int(entry.get("id")):
+        return f"{kind} id {entry['id']}"
+    return f"{kind}s[{k}]"
+
+
+def describe_bad_entries(bad: dict[str, list[str]], first: int = 3) -> str:
+    """`check_annotations`'s findings in one line: "empty captions: 2 (annotation id 7, annotation id 9)"."""
+    parts = []
+    for problem, entries in bad.items():
+        more = f", and {len(entries) - first} more" if len(entries) > first else ""
+        parts.append(f"{problem}: {len(entries)} ({', '.join(entries[:first])}{more})")
+    return "; ".join(parts)
+
+
+def check_annotations(
+    path: Path, data: dict[str, Any], on_bad_entry: str = "raise"
+) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """The annotation file `data` (read from `path`) without its bad entries, and those entries by problem.
+
+    Bad entries: images without an `id` or `file_name`, non-integer image ids, image ids used twice
+    (their captions cannot be told apart: all are dropped), annotations without an integer `id`, an
+    `image_id` and a `caption`, captions that are not strings or are empty, captions of an image id not
+    in `images`, and images left without a caption. `on_bad_entry="raise"`: one `CocoDataError` naming
+    the file and every problem (first entries and counts); `"skip"`: they are left out, with a warning.
+    No usable caption at all is an error either way: a vocabulary needs words.
     """
+    if on_bad_entry not in ON_BAD:
+        raise ValueError(f"on_bad_entry must be one of {ON_BAD}, got {on_bad_entry!r}")
+    bad: dict[str, list[str]] = defaultdict(list)
+    images = []
+    for k, img in enumerate(data["images"]):
+        if not isinstance(img, dict) or "id" not in img or not isinstance(img.get("file_name"), str):
+            bad["image entries without an id and a file_name"].append(f"images[{k}]")
+        elif not _is_int(img["id"]):
+            bad["non-integer image ids"].append(f"images[{k}] has id {img['id']!r:.40}")
+        else:
+            images.append(img)
+    uses = Counter(img["id"] for img in images)
+    duplicated = {i for i, n in uses.items() if n > 1}
+    bad["duplicate image ids"] = [f"image id {i} used {uses[i]} times" for i in sorted(duplicated)]
+    images = [img for img in images if img["id"] not in duplicated]
+    ids = {img["id"] for img in images}
+
+    annotations = []
+    for k, ann in enumerate(data["annotations"]):
+        name = _name("annotation", k, ann)
+        if not isinstance(ann, dict) or not _is_int(ann.get("id")) or not {"image_id", "caption"} <= set(ann):
+            bad["annotation entries without an integer id, an image_id and a caption"].append(name)
+        elif not isinstance(ann["caption"], str):
+            bad["non-string captions"].append(f"{name} has caption {ann['caption']!r:.40}")
+        elif not ann["caption"].strip():
+            bad["empty captions"].append(name)
+        elif _is_int(ann["image_id"]) and ann["image_id"] in duplicated:
+            continue  # left out with its ambiguous image, counted there
+        elif not _is_int(ann["image_id"]) or ann["image_id"] not in ids:
+            refers = f"{name} refers to image id {ann['image_id']!r:.40}"
+            bad["captions of an image id not in 'images'"].append(refers)
+        else:
+            annotations.append(ann)
+    captioned = {ann["image_id"] for ann in annotations}
+    bad["images without captions"] = [f"image id {img['id']}" for img in images if img["id"] not in captioned]
+    images = [img for img in images if img["id"] in captioned]
+
+    bad = {problem: entries for problem, entries in bad.items() if entries}
+    found = f" ({describe_bad_entries(bad)})" if bad else ""
+    if not annotations:
+        raise CocoDataError(
+            f"{path}: no usable caption among its {len(data['annotations'])} annotations{found}; "
+            "a vocabulary needs words: check that this is the right annotation file"
+        )
+    if bad and on_bad_entry == "raise":
+        raise CocoDataError(
+            f"{path}: bad entries: {describe_bad_entries(bad)}. Fix them, or leave them out with "
+            "on_bad_entry='skip' (--on-bad-entry skip)"
+        )
+    if bad:
+        warnings.warn(f"{path}: skipped bad entries: {describe_bad_entries(bad)}")
+    return {**data, "images": images, "annotations": annotations}, bad
+
+
+def read_annotations(
+    root: str | Path, split: str, on_bad_entry: str = "raise"
+) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """The checked annotations of one split and their bad entries by problem (see `check_annotations`)."""
+    path = annotation_path(root, split)
+    return check_annotations(path, _read_json(path), on_bad_entry)
+
+
+def index_coco(data: dict[str, Any]) -> COCO:
+    """Checked annotations indexed by pycocotools (`coco.imgs`, `coco.imgToAnns`)."""
     coco = COCO()
-    coco.dataset = _read_json(annotation_path(root, split))
+    coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
         coco.createIndex()
     return coco
 
 
-def read_captions(root: str | Path, split: str) -> list[str]:
+def load_coco(root: str | Path, split: str, on_bad_entry: str = "raise") -> COCO:
+    """The validated, indexed caption annotations of one split, as a pycocotools `COCO` object.
+
+    Taught in notebooks/05_coco_data.ipynb.
+    """
+    return index_coco(read_annotations(root, split, on_bad_entry)[0])
+
+
+def read_captions(root: str | Path, split: str, on_bad_entry: str = "raise") -> list[str]:
     """Every caption of a split, in annotation order: what a tokenizer is fitted on.
 
     Taught in notebooks/05_coco_data.ipynb.
     """
-    return [ann["caption"] for ann in load_coco(root, split).dataset["annotations"]]
+    return [ann["caption"] for ann in read_annotations(root, split, on_bad_entry)[0]["annotations"]]
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -151,14 +237,24 @@ def load_image(path: str | Path, image_size: int) -> Image.Image:
     """Decode one image file to an RGB `image_size x image_size` PIL image; `CocoDataError` if unreadable.
 
     Taught in notebooks/05_coco_data.ipynb.
+
+    Images larger than PIL's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`, about 89 M
+    pixels) are refused too: a 20000 x 20000 PNG of a few kilobytes would otherwise take gigabytes.
     """
     try:
-        with Image.open(path) as img:
-            img.draft("RGB", (image_size, image_size))  # JPEG only: decode at 1/2, 1/4 or 1/8 scale
-            img.load()  # decoding errors (a truncated JPEG) surface here, not at open
-            rgb = to_rgb(img)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL only warns up to 2x limit
+            with Image.open(path) as img:
+                img.draft("RGB", (image_size, image_size))  # JPEG only: decode at 1/2, 1/4 or 1/8 scale
+                img.load()  # decoding errors (a truncated JPEG) surface here, not at open
+                rgb = to_rgb(img)
     except FileNotFoundError as e:
         raise CocoDataError(f"{path}: image file is missing") from e
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise CocoDataError(
+            f"{path}: refused as a possible decompression bomb: {e} "
+            "(raise PIL.Image.MAX_IMAGE_PIXELS if the image is genuine)"
+        ) from e
     except (OSError, ValueError, SyntaxError) as e:  # PIL's UnidentifiedImageError is an OSError
         raise CocoDataError(f"{path}: cannot decode image: {e}") from e
     return resize_center_crop(rgb, image_size)
@@ -176,8 +272,10 @@ class CocoCaptionDataset(Dataset):
 
     `caption_mode="random"`: one item per image; each access draws one of its captions, reproducibly
     from (`seed`, epoch set by `set_epoch`, image id). `caption_mode="all"`: one item per caption
-    (for evaluation), so `len()` is the number of captions. Images without any caption are left out.
+    (for evaluation), so `len()` is the number of captions.
 
+    The annotation file is checked first (`check_annotations`): `on_bad_entry` decides whether a bad
+    entry raises or is left out; `bad_entries` lists those left out, by problem.
     `on_bad_image="skip"`: images whose file is missing are dropped at construction; images that fail to
     decode are replaced, at access, by the next good item. `skipped` maps each bad file to the reason
     (with DataLoader workers, access-time skips are recorded in the worker's copy only).
@@ -192,23 +290,23 @@ class CocoCaptionDataset(Dataset):
         on_bad_image: str = "raise",
         caption_mode: str = "random",
         seed: int = 0,
+        on_bad_entry: str = "raise",
     ) -> None:
-        if on_bad_image not in ON_BAD_IMAGE:
-            raise ValueError(f"on_bad_image must be one of {ON_BAD_IMAGE}, got {on_bad_image!r}")
+        if on_bad_image not in ON_BAD:
+            raise ValueError(f"on_bad_image must be one of {ON_BAD}, got {on_bad_image!r}")
         if caption_mode not in CAPTION_MODES:
             raise ValueError(f"caption_mode must be one of {CAPTION_MODES}, got {caption_mode!r}")
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+            raise ValueError(f"image_size must be a positive integer (pixels), got {image_size!r}")
         self.root, self.split, self.image_size = Path(root), split, image_size
         self.tokenizer, self.on_bad_image, self.caption_mode = tokenizer, on_bad_image, caption_mode
         self.seed, self.epoch = seed, 0
         self.annotation_file = annotation_path(root, split)
-        self.coco = load_coco(root, split)
+        data, self.bad_entries = read_annotations(root, split, on_bad_entry)
+        self.coco = index_coco(data)  # every image has a caption now
         self.skipped: dict[str, str] = {}
 
-        missing = []
-        for image_id in sorted(self.coco.imgs):
-            path = self.image_path(image_id)
-            if self.coco.imgToAnns[image_id] and not path.is_file():
-                missing.append(path)
+        missing = [path for path in map(self.image_path, sorted(self.coco.imgs)) if not path.is_file()]
         if missing and on_bad_image == "raise":
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise CocoDataError(
@@ -221,8 +319,7 @@ class CocoCaptionDataset(Dataset):
             warnings.warn(f"{self.annotation_file}: skipped {len(missing)} missing images, e.g. {missing[0]}")
         missing_set = set(missing)
         self.image_ids: list[int] = [
-            i for i in sorted(self.coco.imgs)
-            if self.coco.imgToAnns[i] and self.image_path(i) not in missing_set
+            i for i in sorted(self.coco.imgs) if self.image_path(i) not in missing_set
         ]
         # In "all" mode an item is an (image index, caption index) pair.
         self._items = [

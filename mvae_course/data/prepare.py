@@ -46,14 +46,18 @@ def prepare_data(
             f"COCO folder {root} does not exist; download COCO 2017 there or pass --root DIR"
         )
     if tokenizer is None:
-        tokenizer = CaptionTokenizer.fit(read_captions(root, data.train_split), min_count=data.min_count)
+        captions = read_captions(root, data.train_split, on_bad_entry=data.on_bad_entry)
+        tokenizer = CaptionTokenizer.fit(captions, min_count=data.min_count)
     caches = []
     for split in (data.train_split, data.val_split):
         # One cache folder per (data, split, size, vocabulary): runs with other tokenizers do not collide.
         name = f"{root.name}-{split}-{data.image_size}px-{tokenizer_hash(tokenizer)[:10]}"
         out = Path(data_dir) / "cache" / name
         if build:
-            caches.append(ensure_cache(root, split, out, data.image_size, tokenizer))
+            caches.append(ensure_cache(
+                root, split, out, data.image_size, tokenizer, on_bad_image=data.on_bad_image,
+                on_bad_entry=data.on_bad_entry, max_caption_tokens=data.max_caption_tokens,
+            ))
         else:
             caches.append(load_cache(out))
     return tokenizer, caches[0], caches[1]

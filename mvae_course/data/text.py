@@ -222,6 +222,24 @@ class CaptionTokenizer:
         return f"CaptionTokenizer(vocab_size={self.vocab_size})"
 
 
+def check_max_tokens(max_tokens: int | None) -> None:
+    """`ValueError` unless `max_tokens` (the longest caption kept, in content ids) is None or an int >= 1."""
+    positive = isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens >= 1
+    if max_tokens is not None and not positive:
+        raise ValueError(f"max_caption_tokens must be a positive integer or None, got {max_tokens!r}")
+
+
+def truncate_captions(ids: Sequence[Sequence[int]], max_tokens: int | None) -> tuple[list[list[int]], int]:
+    """Each caption cut to its first `max_tokens` content ids (None: kept whole), and how many were cut.
+
+    `ids`: M lists of content ids (no BOS, no EOS: EOS is appended after the cut).
+    """
+    check_max_tokens(max_tokens)
+    if max_tokens is None:
+        return [list(c) for c in ids], 0
+    return [list(c[:max_tokens]) for c in ids], sum(len(c) > max_tokens for c in ids)
+
+
 def pad_captions(
     ids: Sequence[Sequence[int]], pad_id: int = PAD, eos_id: int = EOS
 ) -> tuple[torch.Tensor, torch.Tensor]:
