@@ -199,7 +199,7 @@ class FileLock:
             if self._try_lock(fd) and self._is_current(fd):
                 break
             os.close(fd)
-            if not told:
+            if not told and self.timeout != 0:  # timeout 0 refuses at once: nothing to wait for
                 print(f"waiting for {self.holder()}{doing} (lock file {self.path})", file=sys.stderr)
                 told = True
             if self.timeout is not None and time.monotonic() - start > self.timeout:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -22,7 +23,18 @@ from mvae_course.data.shapes import write_shapes
 from mvae_course.data.text import CaptionTokenizer
 from mvae_course.evaluate import evaluate_run
 from mvae_course.grading.cli import add_exercises_arguments, add_grade_arguments, run_exercises, run_grade
-from mvae_course.train import NonFiniteLossError, train
+from mvae_course.train import NonFiniteLossError, Terminated, train
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1, with the value in the message when it is not."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
 # --- shapes, prepare: data ------------------------------------------------------------------------
@@ -130,8 +142,8 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", type=Path, required=True, help="a run folder written by `train`")
     parser.add_argument("--split", default="val", choices=["train", "val"], help="which split (default: val)")
     parser.add_argument("--device", help="auto, cpu, cuda, mps (default: auto)")
-    parser.add_argument("--n", type=int, help="evaluate on the first N images only")
-    parser.add_argument("--k", type=int, default=16, help="importance samples per IWAE estimate (default 16)")
+    parser.add_argument("--n", type=positive_int, help="evaluate on the first N images only")
+    parser.add_argument("--k", type=positive_int, default=16, help="importance samples per IWAE estimate (default 16)")
     parser.add_argument("--data-dir", type=Path,
                         help="where the run's data and caches are (default: RUN/data if present, else data)")
     parser.add_argument("--no-figures", action="store_true", help="skip the figures")
@@ -158,7 +170,7 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", type=Path, help="COCO 2017 folder (for --data coco)")
     parser.add_argument("--data-dir", type=Path, help="shared data and caches (default: OUT/data)")
     parser.add_argument("--device", help="auto, cpu, cuda, mps (default: auto)")
-    parser.add_argument("--n", type=int, help="evaluate on the first N validation images only")
+    parser.add_argument("--n", type=positive_int, help="evaluate on the first N validation images only")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -254,15 +266,19 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings():  # a warning is one line too, without a source line
             warnings.showwarning = lambda message, *_: print(f"warning: {message}", file=sys.stderr)
             return args.func(args)
+    except Terminated:
+        return 128 + signal.SIGTERM  # 143, the conventional status of a process stopped by SIGTERM
     except KeyboardInterrupt:
-        return 130
+        return 128 + signal.SIGINT  # 130
     except Exception as err:
         if args.debug:
             raise
         known = isinstance(err, EXPECTED_ERRORS)
         detail = "" if known else f"{type(err).__name__}: "
         hint = "" if known else " (unexpected: rerun with --debug for the traceback)"
-        print(f"error: {detail}{' '.join(str(err).split())}{hint}", file=sys.stderr)
+        # An OSError from the system ("[Errno 20] Not a directory: 'x'") reads better as "x: Not a directory".
+        text = f"{err.filename}: {err.strerror}" if isinstance(err, OSError) and err.filename else str(err)
+        print(f"error: {detail}{' '.join(text.split())}{hint}", file=sys.stderr)
         return 1
 
 

@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from mvae_course.atomic import FileLock
 from mvae_course.checkpoint import (
     CheckpointError,
     check_compatible,
@@ -55,6 +56,17 @@ VAL_SEED = 1234  # every validation pass draws the same latent noise, so its los
 
 class NonFiniteLossError(RuntimeError):
     """A loss term (or the gradient) became NaN or infinite; training stopped before saving it."""
+
+
+class Terminated(KeyboardInterrupt):
+    """The process was asked to stop by SIGTERM (what SLURM, Kubernetes and `timeout` send).
+
+    Handled like Ctrl-C: the step in progress finishes, `last.pt` is saved, and the run resumes exactly.
+    """
+
+
+class RunInUseError(FileExistsError):
+    """Another live training run is writing into the same output folder."""
 
 
 @dataclass
@@ -135,25 +147,76 @@ def validate(model: MultimodalVAE, loader: CacheLoader, device: torch.device, wo
     return dict(zip(names, (totals[:-1] / totals[-1]).tolist()))
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
+@contextmanager
+def _sigterm_stops_training() -> Iterator[None]:
+    """For the whole run, SIGTERM raises `Terminated` (as SIGINT raises KeyboardInterrupt), so the run
+    saves and exits with the conventional status instead of dying between checkpoints."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals can only be handled on the main thread
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @contextmanager
 def _whole_step() -> Iterator[None]:
-    """Hold Ctrl-C until the block ends, so an update is applied whole or not at all.
+    """Hold Ctrl-C and SIGTERM until the block ends, so an update is applied whole or not at all.
 
     Without this, an interrupt inside `optimizer.step()` would leave half-updated weights that the
     interrupt handler then saves under the previous step number, and resuming would not be exact.
     """
-    handler = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or handler is None:
+    handlers = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    if threading.current_thread() is not threading.main_thread() or None in handlers.values():
         yield  # signals can only be handled on the main thread
         return
     received: list[int] = []
-    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    for s in STOP_SIGNALS:
+        signal.signal(s, lambda signum, frame: received.append(signum))
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, handler)
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
     if received:
-        raise KeyboardInterrupt
+        raise Terminated if received[0] == signal.SIGTERM else KeyboardInterrupt
+
+
+@contextmanager
+def _run_lock(out_dir: Path, is_main: bool) -> Iterator[None]:
+    """One training run per folder: a second is refused, naming the first, unless the first is dead.
+
+    Under the lock no other writer can be at work here, so any temporary checkpoint file is a killed
+    run's leftover (a kill -9 during a save) and is removed.
+    """
+    if not is_main:  # rank 0 speaks for the whole DDP job
+        yield
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(out_dir / ".run.lock", f"training into {out_dir}", timeout=0)
+    try:
+        lock.__enter__()
+    except TimeoutError:
+        raise RunInUseError(
+            f"{out_dir} is in use by another training run ({lock.holder()}); wait for it to finish, or "
+            "choose another output folder"
+        ) from None
+    try:
+        for name in ("last.pt", "best.pt"):
+            for temp in out_dir.glob(f".{name}.*"):
+                temp.unlink(missing_ok=True)
+        yield
+    finally:
+        lock.__exit__(None, None, None)
 
 
 def _check_finite(values: torch.Tensor, names: list[str], step: int, last_path: Path | None) -> None:
@@ -261,29 +324,44 @@ def train(
 ) -> TrainResult:
     """Train a multimodal VAE into `out_dir`; return the trained model and where the run stands.
 
-    - `out_dir` receives `config.json`, `tokenizer.json`, `metrics.csv`, `last.pt`, `best.pt`.
+    - `out_dir` receives `config.json`, `tokenizer.json`, `metrics.csv`, `last.pt`, `best.pt`. A second
+      run into the same folder while the first is alive is refused (`RunInUseError`).
     - `resume=True` continues from `out_dir/last.pt` (or starts afresh when there is none); the result
       is the same, weight for weight, as an uninterrupted run.
     - `device`: overrides `config.train.device` ("auto": CUDA, then MPS, then CPU).
     - `data_dir`: where generated shapes and caches go (default `out_dir/data`).
 
     Raises `NonFiniteLossError` when a loss term turns NaN/inf (the last good checkpoint stays), and
-    `CheckpointError` when resuming from a checkpoint of another config. Ctrl-C saves `last.pt` first.
+    `CheckpointError` when resuming from a checkpoint of another config. Ctrl-C (KeyboardInterrupt) and
+    SIGTERM (`Terminated`) let the step finish and save `last.pt` first.
 
     Taught in notebooks/06_coco_training.ipynb.
     """
     start = time.perf_counter()
-    out_dir = Path(out_dir)
-    data_dir = Path(data_dir) if data_dir is not None else out_dir / "data"
     cfg = Config.from_dict(config.to_dict())  # a private copy: vocab_size is filled in below
-    tc = cfg.train
     if cfg.model.image_size != cfg.data.image_size:
         raise ValueError(
             f"model.image_size ({cfg.model.image_size}) must equal data.image_size ({cfg.data.image_size})"
         )
-    if tc.max_steps is None and tc.epochs is None:
+    if cfg.train.max_steps is None and cfg.train.epochs is None:
         raise ValueError("set train.max_steps or train.epochs")
-    rank, world_size, device, joined = init_distributed(device if device is not None else tc.device)
+    out_dir = Path(out_dir)
+    data_dir = Path(data_dir) if data_dir is not None else out_dir / "data"
+    rank, world_size, device, joined = init_distributed(device if device is not None else cfg.train.device)
+    try:
+        with _run_lock(out_dir, rank == 0), _sigterm_stops_training():
+            result = _train(cfg, out_dir, data_dir, resume, device, rank, world_size, progress)
+    finally:
+        if joined:
+            leave_distributed()
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _train(cfg: Config, out_dir: Path, data_dir: Path, resume: bool, device: torch.device, rank: int,
+           world_size: int, progress: bool) -> TrainResult:
+    """The run itself, once the folder is this process's and the signals are set (see `train`)."""
+    tc = cfg.train
     is_main = rank == 0
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
 
@@ -297,9 +375,6 @@ def train(
             )
         ckpt = load_checkpoint(last_path)
     tokenizer = CaptionTokenizer(ckpt["tokenizer"]["wordpieces"]) if ckpt else None
-    if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-
     tokenizer, train_loader, val_loader = _loaders(cfg, data_dir, tokenizer, device, rank, world_size)
     if ckpt is not None:
         check_compatible(ckpt["config"], cfg.to_dict(), last_path)
@@ -407,18 +482,18 @@ def train(
             else:
                 at.epoch += 1
                 at.batch_in_epoch = 0
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         if is_main and at.step > saved_step:
-            save_checkpoint(checkpoint(), last_path)
-            print(f"\ninterrupted at step {at.step}: saved {last_path}; continue with resume=True (--resume)",
+            with _whole_step():  # a second signal must not cut the save short
+                save_checkpoint(checkpoint(), last_path)
+            why = "stopped by SIGTERM" if isinstance(stop, Terminated) else "interrupted"
+            print(f"\n{why} at step {at.step}: saved {last_path}; continue with resume=True (--resume)",
                   file=sys.stderr)
         raise
     finally:
         bar.close()
         log.close()
-        if joined:
-            leave_distributed()
 
     if not val and is_main:  # resumed a finished run: report the saved model's validation loss
         val = validate(model, val_loader, device, 1, tc.amp)
-    return TrainResult(model, tokenizer, cfg, at.step, val, at.best_val, out_dir, time.perf_counter() - start)
+    return TrainResult(model, tokenizer, cfg, at.step, val, at.best_val, out_dir, seconds=0.0)

@@ -22,6 +22,8 @@ import io
 import json
 import re
 import shutil
+import subprocess
+import sys
 import warnings
 from collections.abc import Callable
 from contextlib import redirect_stderr, redirect_stdout
@@ -76,7 +78,9 @@ class Outcome:
     err: str
 
     def error_lines(self) -> list[str]:
-        return [line for line in self.err.splitlines() if re.match(r"(error|[A-Z]\w*Error): ", line)]
+        """`error: ...` (a command), `SomeError: ...` (a function), `mvae-course CMD: error: ...` (argparse)."""
+        return [line for line in self.err.splitlines()
+                if re.match(r"(error|[A-Z]\w*Error): |mvae-course \w+: error: ", line)]
 
 
 @dataclass
@@ -280,6 +284,87 @@ ROWS = [
     Row("unknown key", load_config(lambda d: d["train"].__setitem__("batchsize", 8)),
         r"unknown keys in section 'train': \['batchsize'\] \(did you mean 'batch_size'\?\)"),
     Row("YAML syntax error", load_config(text="train: {batch_size: 8\n"), r"run\.yaml: not valid YAML: "),
+]
+
+
+def train(*argv: Any) -> Act:
+    """An act: `train` the tiny preset into the workspace's `run` folder (data under `data`), with `argv`."""
+    return lambda ws: cli(ws, "train", "--preset", "tiny", "--out", ws.folder / "run", "--data-dir",
+                          ws.folder / "data", "--no-progress", *(a(ws) if callable(a) else a for a in argv))
+
+
+def config_file(change: Callable[[dict[str, Any]], Any]) -> Callable[[Workspace], Path]:
+    """An argument: the tiny preset with `change`, written to the workspace as run.yaml."""
+    def path(ws: Workspace) -> Path:
+        d = preset("tiny").to_dict()
+        change(d)
+        (ws.folder / "run.yaml").write_text(yaml.safe_dump(d))
+        return ws.folder / "run.yaml"
+    return path
+
+
+def nothing_trained(ws: Workspace) -> None:
+    cache_kept(ws)
+    assert not (ws.folder / "run" / "last.pt").exists(), "a checkpoint was written after all"
+
+
+def train_under_a_file(ws: Workspace) -> Outcome:
+    """An act: `--out` names a folder inside a file."""
+    (ws.folder / "file").write_text("x")
+    return train("--out", ws.folder / "file" / "run")(ws)
+
+
+HOLD_LOCK = """
+import sys, time
+from mvae_course.atomic import FileLock
+with FileLock(sys.argv[1]):
+    print("holding", flush=True)
+    time.sleep(120)
+"""
+
+
+def while_another_run_trains(ws: Workspace) -> Outcome:
+    """An act: a live process holds the run folder's lock (as a training run does); a second run starts."""
+    (ws.folder / "run").mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(ws.folder / "run" / ".run.lock")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        outcome = train("--max-steps", 2)(ws)
+        return Outcome(outcome.status, outcome.out, outcome.err.replace(str(holder.pid), "<PID>"))
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+ROWS += [
+    # --- the arguments of train (one line from the config's checks, before anything is written) ---
+    Row("train --max-steps 0", train("--max-steps", 0),
+        r"^error: config: train\.max_steps = 0: must be a positive integer or null$", kept=nothing_trained),
+    Row("train --max-steps -5", train("--max-steps", -5), r"train\.max_steps = -5: must be a positive integer",
+        kept=nothing_trained),
+    Row("train --epochs 0", train("--epochs", 0), r"train\.epochs = 0: must be a positive integer or null",
+        kept=nothing_trained),
+    Row("train --device tpu", train("--device", "tpu"), r"train\.device = 'tpu': must be one of 'auto', 'cpu'",
+        kept=nothing_trained),
+    Row("train --config with ckpt_every 0", train("--config", config_file(lambda d: d["train"].update(ckpt_every=0))),
+        r"run\.yaml: train\.ckpt_every = 0: must be a positive integer", kept=nothing_trained),
+    Row("train --config with a string batch size",
+        train("--config", config_file(lambda d: d["train"].update(batch_size="64"))),
+        r"run\.yaml: train\.batch_size = '64': must be a positive integer", kept=nothing_trained),
+    Row("train --config missing", train("--config", lambda ws: ws.folder / "none.yaml"), r"none\.yaml",
+        kept=nothing_trained),
+    Row("train --out under a file", train_under_a_file, r"^error: .*file/run: (File exists|Not a directory)"),
+    Row("two runs into one --out", while_another_run_trains,
+        r"run is in use by another training run \(PID <PID> on host .*\); wait for it to finish",
+        kept=nothing_trained),
+    # --- the arguments of evaluate (argparse: a usage line and one error line, status 2) ---
+    Row("evaluate --k 0", lambda ws: cli(ws, "evaluate", "--run", ws.folder, "--k", 0),
+        r"argument --k: must be a positive integer, got 0", status=2),
+    Row("evaluate --n -1", lambda ws: cli(ws, "evaluate", "--run", ws.folder, "--n", -1),
+        r"argument --n: must be a positive integer, got -1", status=2),
+    Row("evaluate a folder that is not a run", lambda ws: cli(ws, "evaluate", "--run", ws.folder / "coco"),
+        r"^error: checkpoint .*coco/last\.pt: no such file"),
 ]
 
 

@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
+import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -335,3 +339,30 @@ def test_train_then_evaluate_on_coco_captions(tmp_path, capsys):
     assert 0 <= metrics["caption_metrics"]["bleu4"] <= 100
     assert -1 <= metrics["caption_metrics"]["semantic_similarity"] <= 1
     assert metrics["log_likelihood"]["log_p_joint"] < 0
+
+
+def test_sigterm_saves_the_step_it_finished_and_exits_143(tmp_path, data_dir):
+    """SLURM, Kubernetes and `timeout` stop a job with SIGTERM: the run saves last.pt, as for Ctrl-C."""
+    small_config(log_every=1).save(tmp_path / "small.yaml")
+    run = tmp_path / "run"
+    job = subprocess.Popen(
+        [sys.executable, "-m", "mvae_course", "train", "--config", str(tmp_path / "small.yaml"),
+         "--max-steps", "100000", "--out", str(run), "--data-dir", str(data_dir), "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not any(r["split"] == "train" for r in _rows(run)) and time.monotonic() < deadline:
+        time.sleep(0.2)  # until it is training
+    job.send_signal(signal.SIGTERM)
+    _, err = job.communicate(timeout=120)
+    assert job.returncode == 143, err
+    stopped = re.search(r"stopped by SIGTERM at step (\d+): saved .*last\.pt", err)
+    assert stopped and "Traceback" not in err, err
+    step = int(stopped.group(1))
+    assert step >= 1 and load_checkpoint(run / "last.pt")["step"] == step
+    resumed = train(small_config(max_steps=step + 2), run, resume=True, progress=False, data_dir=data_dir)
+    assert resumed.step == step + 2
+
+
+def _rows(run: Path) -> list[dict]:
+    return read_metrics(run) if (run / "metrics.csv").is_file() else []

@@ -31,6 +31,7 @@ import hashlib
 import json
 import math
 import multiprocessing
+import signal
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -137,11 +138,18 @@ def _decode_chunk(task: tuple[list[str], int]) -> tuple[np.ndarray, list[tuple[i
     return out, errors
 
 
+def _worker_signals() -> None:
+    """A worker takes the default action on SIGTERM (the pool stops its workers with it), not a handler
+    it inherited from the parent, and leaves Ctrl-C to the parent."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _pool(workers: int) -> Pool:
     """Worker processes, forked where the OS can (as torch's DataLoader does): a spawned worker would
     spend seconds importing torch before decoding its first image."""
     methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("fork" if "fork" in methods else None).Pool(workers)
+    return multiprocessing.get_context("fork" if "fork" in methods else None).Pool(workers, _worker_signals)
 
 
 def _decode_all(
