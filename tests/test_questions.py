@@ -287,6 +287,12 @@ def test_the_kernel_reports_where_a_function_comes_from():
         assert info_of(copied)["package_code"] and not info_of(wrapper)["package_code"]
     v = run_in_process(QUESTIONS["q1"], copied, seed=0)
     assert v.points == 0 and "runs the package's own code" in v.feedback
+    # A method is matched by its attribute name, never by a global of the same name (the learner's own helper).
+    q = QUESTIONS["q13"]  # forbids TextDecoder.log_likelihood
+    own = defined("def log_likelihood(x):\n    return x\n\ndef f(x):\n    return log_likelihood(x)", "f")
+    called = defined("def f(decoder, x):\n    return decoder.log_likelihood(x)", "f")
+    assert integrity.dynamic_problem(function_info(own), q.function, q.forbidden) is None
+    assert "TextDecoder.log_likelihood" in integrity.dynamic_problem(function_info(called), q.function, q.forbidden)
 
 
 def test_a_described_folder_is_written_for_the_submission(tmp_path):

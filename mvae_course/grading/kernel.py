@@ -51,7 +51,7 @@ def function_info(fn: Any) -> dict[str, Any]:
         "filename": filename,
         "package_code": bool(filename) and os.path.abspath(filename).startswith(package),
         "references": sorted(references),
-        "attributes": sorted(names),
+        "attributes": sorted(n for n in names if n not in scope),  # co_names mixes globals and attributes
     }
 
 
