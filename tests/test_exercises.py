@@ -13,7 +13,14 @@ import pytest
 
 from mvae_course.cli import main
 from mvae_course.grading.cli import run_exercises
-from mvae_course.grading.exercises import BEGIN, END, build_exercises, stale_exercises, strip_solutions
+from mvae_course.grading.exercises import (
+    BEGIN,
+    END,
+    RUBRIC,
+    build_exercises,
+    stale_exercises,
+    strip_solutions,
+)
 from mvae_course.grading.registry import NOTEBOOKS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,12 +92,17 @@ def test_strip_solutions_rejects_broken_markers(bad, message):
         strip_solutions(bad, "solutions/x.ipynb, cell 3")
 
 
+def _is_rubric(cell: nbformat.NotebookNode) -> bool:
+    return RUBRIC in cell.metadata.get("tags", [])
+
+
 @pytest.mark.parametrize("path", SOLUTIONS, ids=[p.stem for p in SOLUTIONS])
 def test_exercise_notebook_is_the_solution_without_answers(path):
     solution = nbformat.read(path, as_version=4)
     exercise = nbformat.read(ROOT / "exercises" / path.name, as_version=4)
-    assert len(exercise.cells) == len(solution.cells)
-    for sol, ex in zip(solution.cells, exercise.cells):
+    kept = [cell for cell in solution.cells if not _is_rubric(cell)]
+    assert len(exercise.cells) == len(kept)
+    for sol, ex in zip(kept, exercise.cells):
         if ex.cell_type == "code":
             assert ex.outputs == [] and ex.execution_count is None
             assert "SOLUTION" not in ex.source
@@ -111,8 +123,24 @@ def test_exercise_notebook_is_the_solution_without_answers(path):
             fn(*[None] * len(required))
 
 
+def test_written_answers_have_a_rubric_that_learners_never_see():
+    for path in SOLUTIONS:
+        solution = nbformat.read(path, as_version=4)
+        exercise = nbformat.read(ROOT / "exercises" / path.name, as_version=4)
+        learner_text = "\n".join(cell.source for cell in exercise.cells)
+        rubrics = [cell.source for cell in solution.cells if _is_rubric(cell)]
+        written = [q for q in NOTEBOOKS[path.stem] if q.kind == "written"]
+        assert len(rubrics) == len(written), path.name  # one rubric beside each model answer
+        for rubric in rubrics:
+            assert rubric.startswith("**Rubric") and rubric not in learner_text
+            assert all(line not in learner_text for line in rubric.splitlines()[1:] if len(line) > 20)
+        for q in written:  # the model answer is a solution block: the exercise keeps only the stub
+            answer = next(c.source for c in solution.cells if f"def {q.function}(" in c.source)
+            assert answer.split(BEGIN)[1].strip().splitlines()[1] not in learner_text
+
+
 def test_solution_notebooks_cover_every_question_with_a_check_cell():
-    assert len(SOLUTIONS) >= 4
+    assert len(SOLUTIONS) >= 8
     seen = {}
     for path in SOLUTIONS:
         nb = nbformat.read(path, as_version=4)

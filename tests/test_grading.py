@@ -15,7 +15,7 @@ import torch
 from mvae_course import cli
 from mvae_course.grading.fusion_checks import SAMPLE_MIXTURE
 from mvae_course.grading.grader import identify
-from mvae_course.grading.question import ReferenceJudge, compare, run_in_process
+from mvae_course.grading.question import ReferenceJudge, call_in_process, compare, run_in_process, verdict
 from mvae_course.grading.registry import NOTEBOOKS, QUESTIONS, check
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +53,7 @@ def test_course_has_enough_questions_with_unique_ids():
 def test_solutions_pass_every_check_in_process(solution_functions, seed):
     for q in QUESTIONS.values():
         v = run_in_process(q, solution_functions[q.function], seed)
-        assert v.passed, f"{q.id}: {v.feedback}"
+        assert v.passed or v.pending, f"{q.id}: {v.feedback}"  # a written answer waits for the instructor
 
 
 @pytest.mark.parametrize("qid", [qid for qid, q in QUESTIONS.items() if isinstance(q.judge, ReferenceJudge)])
@@ -62,18 +62,22 @@ def test_every_known_mistake_is_caught_and_named(qid):
     assert q.judge.mistakes, f"{qid} has no known mistakes to name"
     for message, wrong in q.judge.mistakes:
         for seed in range(3):
-            v = run_in_process(q, wrong, seed)
-            assert v.points == 0
+            # Judged directly: the variants live in the package, so `check` would refuse them as its own code.
+            cases = q.cases(torch.Generator().manual_seed(seed))
+            v = verdict(q, cases, call_in_process(wrong, cases))
+            assert not v.passed  # partial credit: a variant may be right on some cases
             # Two variants may be caught by an earlier message for the same mistake (e.g. "off by one").
             named = [m for m, _ in q.judge.mistakes]
-            assert v.feedback in named[: named.index(message) + 1], f"{qid}: {message!r} got {v.feedback!r}"
+            assert any(v.feedback.startswith(m) for m in named[: named.index(message) + 1]), (
+                f"{qid}: {message!r} got {v.feedback!r}")
 
 
 def test_kl_sign_error_is_named(solution_functions):
-    def kl_sign_error(mu, logvar):
-        return 0.5 * (torch.exp(logvar) + mu**2 - 1.0 + logvar).sum(-1)
+    def kl_sign_error(mu_q, logvar_q, mu_p, logvar_p):
+        return 0.5 * (torch.exp(logvar_q - logvar_p) + (mu_q - mu_p) ** 2 * torch.exp(-logvar_p) - 1.0
+                      + (logvar_q - logvar_p)).sum(-1)
 
-    v = run_in_process(QUESTIONS["q2"], kl_sign_error, seed=3)
+    v = run_in_process(QUESTIONS["q1"], kl_sign_error, seed=3)
     assert not v.passed and "wrong sign for the log-variance term" in v.feedback
 
 
@@ -124,7 +128,7 @@ def test_submission_crashes_become_feedback_not_errors():
 
     assert "raised ValueError: boom" in run_in_process(QUESTIONS["q3"], crashes, 0).feedback
     assert "NotImplementedError" in run_in_process(QUESTIONS["q3"], stub, 0).feedback
-    assert "differs" in run_in_process(QUESTIONS["q3"], lambda *a: torch.zeros(4), 0).feedback
+    assert "test cases wrong" in run_in_process(QUESTIONS["q3"], lambda *a: torch.zeros(4), 0).feedback
 
 
 def test_compare_describes_what_differs():
@@ -137,11 +141,11 @@ def test_compare_describes_what_differs():
 
 
 def test_check_prints_friendly_feedback(capsys, solution_functions):
-    check("q1", solution_functions["reparameterize"])
-    check("q1", lambda mu, logvar, eps: mu + torch.exp(logvar) * eps)
+    check("q1", solution_functions["kl_normal"])
+    check("Q1", lambda mu_q, logvar_q, mu_p, logvar_p: solution_functions["kl_normal"](mu_p, logvar_p, mu_q, logvar_q))
     out = capsys.readouterr().out
     assert "q1" in out and "passed, 2/2" in out
-    assert "not yet, 0/2" in out and "standard deviation is exp(0.5 * logvar)" in out
+    assert "not yet" in out and "the arguments are the other way round" in out
     with pytest.raises(KeyError, match="no question 'q99'"):
         check("q99", print)
 
@@ -201,7 +205,7 @@ def graded(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("wrong")
     wrong = [
         _wrong_copy(ROOT / "solutions/01_elbo_exercises.ipynb", out,
-                    {"mu**2 - 1.0 - logvar": "mu**2 - 1.0 + logvar"}, extra=CHEAT),
+                    {"- 1.0 - (logvar_q - logvar_p)": "- 1.0 + (logvar_q - logvar_p)"}, extra=CHEAT),
         _wrong_copy(ROOT / "solutions/03_text_exercises.ipynb", out,
                     {"return torch.cat([bos, text[:, :-1]], dim=1)": "return text.clone()"},
                     extra=f"import sys\nassert sys.prefix == {sys.prefix!r}, sys.prefix"),
@@ -224,7 +228,8 @@ def graded(tmp_path_factory) -> dict:
 def test_every_solution_scores_full_marks(graded):
     for path in SOLUTIONS:
         sub = graded["by_path"][path]["_"]
-        assert sub["points"] == sub["max_points"] > 0, sub
+        auto = [q for q in sub["questions"] if not q["pending"]]  # written answers wait for the instructor
+        assert all(q["passed"] for q in auto) and sub["points"] == sum(q["max_points"] for q in auto) > 0, sub
         assert sub["cell_errors"] == []
     assert "all notebooks:" in graded["report"] and "total" in graded["report"]
 
@@ -245,23 +250,23 @@ def test_untouched_exercises_score_zero_and_every_question_is_reported(graded):
 def test_kl_sign_error_is_caught_and_cheating_changes_nothing(graded):
     qs = graded["by_path"][graded["wrong"][0]]
     assert qs["_"]["cell_errors"] == []  # the cheating cell ran
-    assert qs["q2"]["points"] == 0 and "wrong sign for the log-variance term" in qs["q2"]["feedback"]
-    assert qs["q4"]["points"] == 0  # the ELBO reuses the wrong KL
-    assert all(qs[q]["passed"] for q in ("q1", "q3", "q5"))
-    assert qs["_"]["points"] == 6
+    assert not qs["q1"]["passed"] and "wrong sign for the log-variance term" in qs["q1"]["feedback"]
+    assert not qs["q2"]["passed"]  # the ELBO reuses the wrong KL
+    assert all(qs[q]["passed"] for q in ("q3", "q4", "q5", "q6"))
+    assert qs["_"]["points"] == 8 + qs["q1"]["points"] + qs["q2"]["points"]  # the wrong two keep partial credit
 
 
 @pytest.mark.slow
 def test_unshifted_teacher_forcing_is_caught_in_the_venv_kernel(graded):
     qs = graded["by_path"][graded["wrong"][1]]
     assert qs["_"]["cell_errors"] == []  # the kernel runs this virtualenv's python
-    assert qs["q8"]["points"] == 0 and "not shifted right" in qs["q8"]["feedback"]
-    assert qs["q9"]["passed"] and qs["q10"]["passed"]
+    assert qs["q12"]["points"] == 0 and "not shifted right" in qs["q12"]["feedback"]
+    assert qs["q13"]["passed"] and qs["q14"]["passed"]
 
 
 @pytest.mark.slow
 def test_poe_without_prior_is_caught_and_an_infinite_loop_times_out(graded):
     qs = graded["by_path"][graded["wrong"][2]]
-    assert qs["q11"]["points"] == 0 and "leaves out the prior expert" in qs["q11"]["feedback"]
-    assert qs["q12"]["points"] == 0 and "did not finish within 6" in qs["q12"]["feedback"]
-    assert "q13" in qs  # grading went on after the timeout
+    assert qs["q17"]["points"] == 0 and "leaves out the prior expert" in qs["q17"]["feedback"]
+    assert qs["q18"]["points"] == 0 and "did not finish within 6" in qs["q18"]["feedback"]
+    assert "q19" in qs  # grading went on after the timeout

@@ -1,4 +1,5 @@
-"""exercises/ is generated from solutions/: every solution block becomes a stub, outputs are cleared.
+"""exercises/ is generated from solutions/: every solution block becomes a stub, rubric cells are dropped,
+outputs are cleared.
 
 In a solution notebook the answer sits between two marker lines inside a function body:
 
@@ -9,7 +10,8 @@ In a solution notebook the answer sits between two marker lines inside a functio
         ### END SOLUTION
 
 The exercise keeps everything else (hints included) and replaces the block with `# YOUR CODE HERE` and
-`raise NotImplementedError()` at the marker's indentation. Notebooks are written as deterministic JSON
+`raise NotImplementedError()` at the marker's indentation. A cell tagged `rubric` (the instructor's marking
+scheme of a written answer, beside its model answer) is left out of the exercise. Notebooks are written as deterministic JSON
 (sorted keys, no outputs, no execution counts, only the metadata the course needs), so `check` can
 compare the files byte for byte.
 """
@@ -21,6 +23,7 @@ from pathlib import Path
 import nbformat
 
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
+RUBRIC = "rubric"  # the tag of the cells only instructors see
 REPO = Path(__file__).resolve().parents[2]
 SOLUTIONS, EXERCISES = REPO / "solutions", REPO / "exercises"
 _KEEP_NOTEBOOK_METADATA = ("kernelspec", "language_info", "mvae_course")
@@ -63,11 +66,12 @@ def clean(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
 
 
 def exercise_notebook(solution: nbformat.NotebookNode, name: str = "notebook") -> nbformat.NotebookNode:
-    """The exercise version of a solution notebook."""
+    """The exercise version of a solution notebook: stubs for the answers, no rubric cells."""
     nb = clean(solution)
     for index, cell in enumerate(nb.cells):
         if cell.cell_type == "code":
             cell.source = strip_solutions(cell.source, f"{name}, cell {index + 1}")
+    nb.cells = [cell for cell in nb.cells if RUBRIC not in cell.metadata.get("tags", [])]
     return nb
 
 

@@ -28,6 +28,8 @@ import torch
 from nbclient import NotebookClient
 from nbclient.exceptions import DeadKernelError
 
+from mvae_course.grading.integrity import notebook_code
+from mvae_course.grading.kernel import KERNEL_SOURCE
 from mvae_course.grading.question import Question, Verdict, failed, verdict
 from mvae_course.grading.registry import NOTEBOOKS
 
@@ -35,12 +37,17 @@ KERNEL_NAME = "python3"  # resolved by jupyter_client to this interpreter (sys.e
 METADATA_KEY = "mvae_course"  # notebook metadata: {"mvae_course": {"exercises": "01_elbo_exercises"}}
 _CALL = "mvae_grading_call"  # metadata flag of the cells the grader adds, which get the call timeout
 
-# Defined in the kernel after the notebook has run. It only moves data: the verdict is made in the grader.
-_KERNEL_HELPER = '''
+# Defined in the kernel after the notebook has run. It only moves data and reports where the function comes
+# from (grading/kernel.py, sent as source): the verdict is made in the grader.
+_KERNEL_HELPER = f'''
+_mvae_kernel = {{}}
+exec({KERNEL_SOURCE!r}, _mvae_kernel)
+''' + '''
 def _mvae_grading_call(function, inputs, outputs):
     import torch
+    from pathlib import Path
 
-    def rebuild(arg):
+    def rebuild(arg, where):
         if isinstance(arg, dict) and "__mvae_model__" in arg:
             from mvae_course.config import ModelConfig
             from mvae_course.models.mvae import MultimodalVAE
@@ -48,7 +55,7 @@ def _mvae_grading_call(function, inputs, outputs):
             model = MultimodalVAE(ModelConfig(**arg["__mvae_model__"]))
             model.load_state_dict(arg["state_dict"])
             return model.eval()
-        return arg
+        return _mvae_kernel["rebuild"](arg, where)  # a described folder is written under `where`
 
     fn = globals().get(function)
     case = 0
@@ -58,8 +65,9 @@ def _mvae_grading_call(function, inputs, outputs):
         try:
             results = []
             for case, args in enumerate(torch.load(inputs, weights_only=True)):
-                results.append(fn(*[rebuild(a) for a in args]))
-            record = {"outputs": results}
+                where = Path(inputs).parent / f"{function}-{case}"
+                results.append(fn(*[rebuild(a, where / str(i)) for i, a in enumerate(args)]))
+            record = {"outputs": results, "info": _mvae_kernel["function_info"](fn)}
         except NotImplementedError:
             record = {"error": "not_implemented"}
         except Exception as err:
@@ -135,8 +143,8 @@ def _cell_errors(cells: list[nbformat.NotebookNode]) -> list[str]:
 class _KernelSession:
     """The learner's kernel, after the notebook has run: calls one function on saved inputs."""
 
-    def __init__(self, client: NotebookClient, workdir: Path, timeout: float) -> None:
-        self.client, self.workdir, self.timeout = client, workdir, timeout
+    def __init__(self, client: NotebookClient, workdir: Path, timeout: float, code: list[str]) -> None:
+        self.client, self.workdir, self.timeout, self.code = client, workdir, timeout, code
         self.dead: str | None = None
 
     def run(self, source: str) -> float:
@@ -176,7 +184,7 @@ class _KernelSession:
             return failed(q, f"`{q.function}` raised {record['message']} (on test case {record['case'] + 1})")
         if error == "unsaveable":
             return failed(q, f"`{q.function}` returned something other than tensors, numbers, lists or tuples")
-        return verdict(q, cases, record["outputs"])
+        return verdict(q, cases, record["outputs"], record.get("info"), self.code)
 
 
 def grade_notebook(
@@ -205,7 +213,7 @@ def grade_notebook(
     )
     # The kernel's own stderr (ipykernel's start-up warnings) would only clutter the report.
     with tempfile.TemporaryDirectory(prefix="mvae-grade-") as tmp, client.setup_kernel(stderr=subprocess.DEVNULL):
-        session = _KernelSession(client, Path(tmp), call_timeout)
+        session = _KernelSession(client, Path(tmp), call_timeout, notebook_code(nb.cells[:submitted]))
         try:
             for index in range(submitted):
                 client.execute_cell(nb.cells[index], index)
