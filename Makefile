@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-fast lab clean
+.PHONY: install run test test-fast reference lab clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ test: $(STAMP)
 # The inner loop: unit tests only (no notebook runs, no kernels, nothing marked slow), well under a minute.
 test-fast: $(STAMP)
 	$(PY) -m pytest tests -m "not slow"
+
+# Train, export and evaluate every reference run the lessons load (resumable; skips those up to date).
+reference: $(STAMP)
+	$(PY) -m mvae_course reference --rebuild
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks

@@ -22,6 +22,7 @@ from mvae_course.data.cache import prepare_cache, read_captions, read_meta
 from mvae_course.data.shapes import write_shapes
 from mvae_course.data.text import CaptionTokenizer
 from mvae_course.evaluate import evaluate_run
+from mvae_course.reference import RUNS, rebuild, reference_run, verify
 from mvae_course.grading.cli import add_exercises_arguments, add_grade_arguments, run_exercises, run_grade
 from mvae_course.train import NonFiniteLossError, Terminated, train
 
@@ -143,7 +144,8 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="val", choices=["train", "val"], help="which split (default: val)")
     parser.add_argument("--device", help="auto, cpu, cuda, mps (default: auto)")
     parser.add_argument("--n", type=positive_int, help="evaluate on the first N images only")
-    parser.add_argument("--k", type=positive_int, default=16, help="importance samples per IWAE estimate (default 16)")
+    parser.add_argument("--k", type=positive_int, default=16,
+                        help="importance samples per IWAE estimate (default 16)")
     parser.add_argument("--data-dir", type=Path,
                         help="where the run's data and caches are (default: RUN/data if present, else data)")
     parser.add_argument("--no-figures", action="store_true", help="skip the figures")
@@ -180,6 +182,29 @@ def run_compare(args: argparse.Namespace) -> int:
             max_steps=args.max_steps, seed=args.seed, out=args.out, data_dir=args.data_dir, root=args.root,
             device=args.device, n=args.n, progress=not args.no_progress)
     return 0
+
+
+# --- reference runs ---------------------------------------------------------------------------
+
+
+def run_reference(args: argparse.Namespace) -> int:
+    """List the shipped reference runs and whether their files match their manifests, or rebuild them."""
+    if args.rebuild:
+        for folder in rebuild(args.names or None, data_dir=args.data_dir, force=args.force,
+                              progress=not args.no_progress):
+            print(f"ready: {folder}")
+        return 0
+    names = args.names or [run.name for run in RUNS]
+    broken = 0
+    for name in names:
+        run = reference_run(name)
+        problems = verify(run)
+        broken += bool(problems)
+        state = "ok" if not problems else problems[0]
+        print(f"{run.name:<{max(map(len, names))}}  {run.lesson:<18}  {state}")
+    if broken:
+        print(f"{broken} of {len(names)} need `mvae-course reference --rebuild`", file=sys.stderr)
+    return 1 if broken else 0
 
 
 # --- course ---------------------------------------------------------------------------------------
@@ -246,6 +271,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("grade", "grade submitted exercise notebooks, each in its own kernel")
     add_grade_arguments(p)
     p.set_defaults(func=run_grade)
+
+    p = command("reference", "list the shipped reference runs (checked against their manifests), or rebuild")
+    p.add_argument("names", nargs="*", help="reference runs (default: all)")
+    p.add_argument("--rebuild", action="store_true", help="train, export, evaluate and record them")
+    p.add_argument("--force", action="store_true", help="rebuild even those that are up to date")
+    p.add_argument("--data-dir", type=Path, help="where the data and caches go (default: data/)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run_reference)
 
     p = command("course", "run the course's main job end to end on the built-in data")
     p.add_argument("--out", default="build", help="where figures and runs go")

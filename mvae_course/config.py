@@ -215,7 +215,8 @@ class TrainConfig:
     max_steps: int | None = 2000  # stop after this many optimiser steps (None: run `epochs`)
     epochs: int | None = None
     warmup_steps: int = 100  # linear learning-rate warm-up
-    kl_warmup_steps: int = 500  # beta rises linearly from 0 to 1 over these steps
+    kl_warmup_steps: int = 500  # the KL weight rises linearly from 0 to `beta` over these steps
+    beta: float = 1.0  # the KL weight after the warm-up: 1 trains the ELBO, another value a beta-VAE
     grad_clip: float = 5.0
     seed: int = 0
     device: str = "auto"  # auto: CUDA, then MPS, then CPU
@@ -229,7 +230,8 @@ class TrainConfig:
     CHECKS: ClassVar[dict[str, Check]] = {
         "batch_size": integer(1), "lr": number(0, low_open=True), "weight_decay": number(0),
         "max_steps": integer(1, optional=True), "epochs": integer(1, optional=True),
-        "warmup_steps": integer(0), "kl_warmup_steps": integer(0), "grad_clip": number(0, low_open=True),
+        "warmup_steps": integer(0), "kl_warmup_steps": integer(0),
+        "beta": number(0, low_open=True), "grad_clip": number(0, low_open=True),
         "seed": integer(0), "device": device_name, "amp": boolean, "cache_on_device": boolean,
         "eval_every": integer(1), "ckpt_every": integer(1), "log_every": integer(1),
     }

@@ -1,10 +1,12 @@
-"""Small helpers every lesson shares: where data and runs live, the lesson's config, tables.
+"""Small helpers every lesson shares: where data and runs live, the lesson's models, claims, tables.
 
 Taught in notebooks/00_setup.ipynb.
 
-Lessons run in two modes. The default suits a laptop CPU (a few minutes per lesson); `smoke=True`
-(what the tests run, `MVAE_SMOKE=1`) shrinks everything to seconds and keeps its files under
-`build/smoke/`, apart from the real ones, so that a second smoke run reuses them instead of training again.
+Lessons run in two modes. The default suits a laptop CPU; `smoke=True` (what the tests run,
+`MVAE_SMOKE=1`) shrinks the training a lesson does itself to seconds and keeps its files under
+`build/smoke/`, apart from the real ones. In both, the models a lesson discusses are the shipped reference
+runs (`lesson_model`), so the figures and the numbers the prose states are the same in CI as on a laptop,
+and every such number is checked by `claim`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mvae_course.config import Config, preset
+from mvae_course.data.cache import CaptionCache
+from mvae_course.data.prepare import prepare_data
+from mvae_course.reference import REFERENCE, Reference, load_reference, rebuild, reference_run
 from mvae_course.runs import train_or_load
 from mvae_course.train import TrainResult
 
@@ -84,6 +89,59 @@ def trained(config: Config, out: str | Path, smoke: bool) -> TrainResult:
     print(f"{relative(out)}: {result.step} steps, ready in {result.seconds:.0f} s")
     result.model.eval()
     return result
+
+
+def lesson_model(name: str, smoke: bool, retrain: bool = False) -> Reference:
+    """A model the lesson discusses: the shipped reference run `name`, or, with `retrain`, the same run
+    trained here (into `runs/retrained/`, with progress; resumed if interrupted).
+
+    Taught in notebooks/00_setup.ipynb. In smoke mode the same kind of model is also trained small (the
+    tiny preset, seconds), so CI runs the training code, but what is returned, and so every figure and
+    claim, is the reference run. One line says which model it is, what it cost, and how to retrain it.
+    """
+    run = reference_run(name)
+    if smoke:
+        small = train_or_load(run.config(smoke=True), runs_dir(True) / "lessons" / name,
+                              data_dir=data_dir(True))
+        print(f"smoke: trained a tiny {name} ({small.step} steps, {small.seconds:.0f} s) to exercise the "
+              "code; the figures use the reference run")
+    elif retrain:
+        rebuild([name], into=runs_dir(False) / "retrained", data_dir=data_dir(False))
+        loaded = load_reference(name, root=runs_dir(False) / "retrained")
+        print(f"{name}: trained here into {relative(loaded.folder)} ({loaded.manifest['steps']} steps, "
+              f"{loaded.manifest['cpu_s'] / 60:.1f} CPU min)")
+        return loaded
+    loaded = load_reference(name, root=REFERENCE)
+    m = loaded.manifest
+    print(f"{name}: the reference run {relative(loaded.folder)} ({m['steps']} steps, trained in "
+          f"{m['cpu_s'] / 60:.1f} CPU min on {m['machine']['cpu']}); retrain=True, or "
+          f"`mvae-course reference --rebuild {name}`, trains it here")
+    return loaded
+
+
+def reference_data(reference: Reference, smoke: bool) -> tuple[CaptionCache, CaptionCache]:
+    """The training and validation caches of a reference run's data, tokenised with its vocabulary.
+
+    Taught in notebooks/00_setup.ipynb. Generated (the shapes set) and cached under `data_dir(smoke)` once.
+    """
+    _, train_cache, val_cache = prepare_data(reference.config, data_dir(smoke), reference.tokenizer)
+    return train_cache, val_cache
+
+
+class ClaimError(AssertionError):
+    """A lesson's prose says something about an output that the output does not bear out."""
+
+
+def claim(statement: str, holds: Any, evidence: str = "") -> None:
+    """Check a statement the lesson makes about an output, and print it with the numbers behind it.
+
+    Taught in notebooks/00_setup.ipynb. `holds` is the check (a bool, or a one-element tensor); a claim
+    that does not hold raises `ClaimError`, so a lesson whose prose its own output contradicts fails in CI.
+    """
+    shown = f"{statement}  [{evidence}]" if evidence else statement
+    if not bool(holds):
+        raise ClaimError(f"this lesson's claim does not hold: {shown}")
+    print(f"\u2713 {shown}")
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:

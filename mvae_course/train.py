@@ -418,7 +418,7 @@ def _train(cfg: Config, out_dir: Path, data_dir: Path, resume: bool, device: tor
     def validate_and_keep_best() -> dict[str, float]:
         val = validate(model, val_loader, device, world_size, tc.amp)
         log.log(at.step, at.epoch, "val", val, lr=scheduler.get_last_lr()[0],
-                beta=kl_beta(at.step, tc.kl_warmup_steps))
+                beta=tc.beta * kl_beta(at.step, tc.kl_warmup_steps))
         if val["loss"] < at.best_val:
             at.best_val = val["loss"]
             if is_main:
@@ -440,7 +440,7 @@ def _train(cfg: Config, out_dir: Path, data_dir: Path, resume: bool, device: tor
                 next(batches)
             for batch in batches:
                 # One step: loss terms, a finite check, the backward pass, a clipped update.
-                beta = kl_beta(at.step, tc.kl_warmup_steps)
+                beta = tc.beta * kl_beta(at.step, tc.kl_warmup_steps)
                 with autocast(device, tc.amp):
                     terms = net(batch, beta)
                 names = list(terms)

@@ -1,0 +1,250 @@
+"""Reference runs: the trained models the lessons discuss, shipped with the course in `reference/`.
+
+A lesson that trained its own models for a few hundred steps would show grey blobs; one that trained them
+for the full budget would keep a learner waiting. So every model a lesson discusses is trained once, at a
+budget that shows the phenomenon, by one command (`mvae-course reference --rebuild`), and shipped:
+
+    reference/<name>/model.safetensors   the weights (float16: half the size; no pickle, so safe to load)
+    reference/<name>/config.json         the config that trained it (rebuilds the model)
+    reference/<name>/tokenizer.json      its compact vocabulary
+    reference/<name>/metrics.csv         its training log
+    reference/<name>/metrics_val.json    `evaluate_run` on the validation split, of the shipped weights
+    reference/<name>/metrics_check.json  the same on its first 64 images with k = 4 (what a test repeats)
+    reference/<name>/manifest.json       command, commit, seed, machine, wall and CPU time, files' sha256
+
+Whoever changes a model, a preset, the judge or the data generator rebuilds them in the same change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from mvae_course.config import Config, preset
+from mvae_course.data.text import CaptionTokenizer
+from mvae_course.evaluate import evaluate_run
+from mvae_course.models.mvae import MultimodalVAE
+from mvae_course.runs import WEIGHTS, export_weights, load_model, train_or_load
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = ROOT / "reference"
+FILES = ("model.safetensors", "config.json", "tokenizer.json", "metrics.csv", "metrics_val.json",
+         "metrics_check.json")
+CHECK = {"n": 64, "k": 4}  # metrics_check.json: a small evaluation a test can repeat in a second
+
+
+def _same(config: Config) -> Config:
+    return config
+
+
+@dataclass(frozen=True)
+class ReferenceRun:
+    """One shipped run: its name, the lesson that discusses it, and how its config differs from the preset.
+
+    `changes` maps the lesson preset (`cpu`, or `tiny` in smoke mode) to this run's config, so a smoke
+    run trains the same kind of model, only smaller.
+    """
+
+    name: str
+    lesson: str
+    about: str
+    changes: Callable[[Config], Config] = field(default=_same)
+
+    def config(self, smoke: bool = False) -> Config:
+        """The config this run trains with (`smoke`: the same changes applied to the `tiny` preset)."""
+        return self.changes(preset("tiny" if smoke else "cpu"))
+
+    @property
+    def path(self) -> Path:
+        """Where the course ships it: reference/<name>."""
+        return REFERENCE / self.name
+
+
+def _model(**changes: Any) -> Callable[[Config], Config]:
+    return lambda config: config.replace(model=changes)
+
+
+RUNS: tuple[ReferenceRun, ...] = (
+    ReferenceRun("independent", "04_fusion", "two separate VAEs: the baseline that cannot translate",
+                 _model(fusion="independent")),
+    ReferenceRun("poe", "04_fusion", "product of experts with the MVAE's sub-sampled objective",
+                 _model(fusion="poe")),
+    ReferenceRun("moe", "04_fusion", "mixture of experts (MMVAE), stratified", _model(fusion="moe")),
+    ReferenceRun("mopoe", "04_fusion", "mixture of products of experts (MoPoE)", _model(fusion="mopoe")),
+)
+
+
+def reference_run(name: str) -> ReferenceRun:
+    """The reference run called `name`; a clear error naming the known ones."""
+    for run in RUNS:
+        if run.name == name:
+            return run
+    raise KeyError(f"no reference run {name!r}; the course ships {', '.join(r.name for r in RUNS)}")
+
+
+# --- loading -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Reference:
+    """A loaded reference run: the model (eval mode), its tokenizer and config, and what was recorded."""
+
+    run: ReferenceRun
+    folder: Path
+    model: MultimodalVAE
+    tokenizer: CaptionTokenizer
+    config: Config
+    evaluation: dict[str, Any]
+    manifest: dict[str, Any]
+
+    @property
+    def metrics_csv(self) -> Path:
+        """The run's training log (rows per logged step, as `metrics_log.read_metrics` reads them)."""
+        return self.folder / "metrics.csv"
+
+
+def load_reference(run: str | ReferenceRun, device: str | torch.device = "cpu",
+                   root: str | Path = REFERENCE) -> Reference:
+    """Load a reference run from `root/<name>` (the shipped one by default): safetensors, no pickle."""
+    run = reference_run(run) if isinstance(run, str) else run
+    folder = Path(root) / run.name
+    if not (folder / WEIGHTS).is_file():
+        raise FileNotFoundError(
+            f"reference run {run.name!r} is not in {folder}; build it with "
+            f"`mvae-course reference --rebuild {run.name}`"
+        )
+    model, tokenizer, config = load_model(folder, device)
+    evaluation = json.loads((folder / "metrics_val.json").read_text())
+    manifest = json.loads((folder / "manifest.json").read_text())
+    return Reference(run, folder, model, tokenizer, config, evaluation, manifest)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def verify(run: str | ReferenceRun, root: str | Path = REFERENCE) -> list[str]:
+    """What is wrong with a run's files in `root/<name>` against its manifest (missing, or a hash that
+    differs); an empty list when all is well."""
+    folder = Path(root) / (run if isinstance(run, str) else run.name)
+    manifest_path = folder / "manifest.json"
+    if not manifest_path.is_file():
+        return [f"{manifest_path} is missing"]
+    recorded = json.loads(manifest_path.read_text())["files"]
+    problems = [f"{folder / f} is missing" for f in FILES if not (folder / f).is_file()]
+    problems += [f"{folder / f}: sha256 differs from the manifest" for f, digest in recorded.items()
+                 if (folder / f).is_file() and sha256(folder / f) != digest]
+    return problems
+
+
+# --- building ----------------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    """What trained a run: CPU model, cores, torch version, whether CUDA was used."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "cuda": torch.cuda.is_available(),
+            "python": platform.python_version()}
+
+
+def _commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{sha}{'+changes' if dirty else ''}"
+
+
+def _shown(path: Path) -> str:
+    """A path as the course shows it: relative to the repository when inside it."""
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def rebuild(names: Sequence[str | ReferenceRun] | None = None, into: str | Path = REFERENCE,
+            work_dir: str | Path | None = None, data_dir: str | Path | None = None, force: bool = False,
+            progress: bool = True, smoke: bool = False) -> list[Path]:
+    """Train, export, evaluate and record each reference run (all of them by default) into `into/<name>`.
+
+    Returns the folders written. Resumable at two levels: a run already there (its manifest's files all
+    present and matching) is skipped unless `force`, and an interrupted training resumes from its
+    checkpoint in `work_dir/<name>` (default `runs/reference/`). Data and caches go under `data_dir`
+    (default `data/`). A lesson's `retrain=True` runs this same code into `runs/retrained/`; `smoke`
+    trains each run's tiny-preset version (seconds: for tests of this pipeline).
+    """
+    runs = [reference_run(n) if isinstance(n, str) else n for n in names] if names else list(RUNS)
+    into = Path(into)
+    work_dir = Path(work_dir) if work_dir is not None else ROOT / "runs" / "reference"
+    data_dir = Path(data_dir) if data_dir is not None else ROOT / "data"
+    written = []
+    bar = tqdm(runs, desc="reference runs", unit="run", disable=not progress)
+    for run in bar:
+        bar.set_postfix_str(run.name)
+        if not force and not verify(run, into):
+            tqdm.write(f"{run.name}: up to date ({into / run.name}); --force rebuilds it")
+            written.append(into / run.name)
+            continue
+        build = work_dir / run.name
+        if force and build.exists():
+            shutil.rmtree(build)
+        wall, cpu = time.perf_counter(), _cpu_seconds()
+        result = train_or_load(run.config(smoke), build, data_dir=data_dir, progress=progress)
+        wall, cpu = time.perf_counter() - wall, _cpu_seconds() - cpu
+        cost = {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "steps": result.step}
+        written.append(_ship(run, result.model, result.tokenizer, result.config, build, into / run.name,
+                             data_dir, cost))
+    return written
+
+
+def _ship(run: ReferenceRun, model: MultimodalVAE, tokenizer: CaptionTokenizer, config: Config, build: Path,
+          out: Path, data_dir: Path, cost: dict[str, Any]) -> Path:
+    """Export one trained run into `out`: weights, config, tokenizer, log, evaluation, manifest."""
+    tmp = out.with_name(f".{out.name}.building")
+    shutil.rmtree(tmp, ignore_errors=True)
+    export_weights(model, tokenizer, config, tmp)
+    shutil.copy(build / "metrics.csv", tmp / "metrics.csv")
+    for name, subset in (("metrics_check.json", CHECK), ("metrics_val.json", {})):
+        evaluate_run(tmp, "val", device="cpu", data_dir=data_dir, figures=False, verbose=False, **subset)
+        evaluation = json.loads((tmp / "metrics_val.json").read_text())
+        evaluation["run"] = _shown(out)  # not the temporary folder it was evaluated in
+        (tmp / "metrics_val.json").unlink()
+        (tmp / name).write_text(json.dumps(evaluation, indent=2) + "\n")
+    manifest = {
+        "name": run.name, "lesson": run.lesson, "about": run.about,
+        "command": f"mvae-course reference --rebuild {run.name}",
+        "commit": _commit(), "seed": config.train.seed, "preset": config.name, "fusion": config.model.fusion,
+        "machine": machine(), **cost, "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "files": {f: sha256(tmp / f) for f in FILES},
+    }
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
