@@ -31,7 +31,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
 
 from mvae_course.checkpoint import (
     CheckpointError,
@@ -53,6 +52,7 @@ from mvae_course.data.cache import (
 from mvae_course.data.shapes import ensure_shapes
 from mvae_course.data.text import CaptionTokenizer
 from mvae_course.models.mvae import MultimodalVAE
+from mvae_course.progress import tqdm
 
 SHAPES_SEED = 0  # the synthetic data set does not change with the training seed
 VAL_SEED = 1234  # every validation pass draws the same latent noise, so its losses compare

@@ -39,7 +39,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from mvae_course.data.coco import (
     CocoCaptionDataset,
@@ -49,6 +48,7 @@ from mvae_course.data.coco import (
     read_captions,
 )
 from mvae_course.data.text import EOS, PAD
+from mvae_course.progress import tqdm
 
 __all__ = [
     "CacheError",
