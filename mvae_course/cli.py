@@ -45,6 +45,19 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _site(args: argparse.Namespace) -> int:
+    from mvae_course.course import lesson_notebooks
+    from mvae_course.grading.exercises import EXERCISES
+    from mvae_course.site import build_site
+
+    lessons = lesson_notebooks(Path(args.out) / "notebooks")
+    if not lessons:
+        print(f"error: no executed lessons in {Path(args.out) / 'notebooks'}: run `make run` first", file=sys.stderr)
+        return 2
+    print(f"the course site: {build_site(lessons, Path(args.out) / 'html', sorted(EXERCISES.glob('*.ipynb')))}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mvae_course", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -104,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="cpu", help="tiny for a smoke run, cpu for the real thing")
     p.add_argument("--max-steps", type=int, help="override the preset's training budget")
     p.set_defaults(func=run_course)
+
+    p = sub.add_parser("site", help="rebuild the course site (OUT/html) from the lessons `course` executed")
+    p.add_argument("--out", default="build", help="the folder `course` wrote into (OUT/notebooks)")
+    p.set_defaults(func=_site)
     return parser
 
 

@@ -117,9 +117,11 @@ def test_run_notebooks_reports_failures_and_exports_html(tmp_path: Path):
     assert executed.cells[-1].outputs[0]["text"] == "value 7\n"  # the parameter reached the kernel
     assert _errors(_read(tmp_path / "build" / "notebooks" / "01_broken.ipynb"))  # partial output kept
     index = (tmp_path / "build" / "html" / "index.html").read_text()
-    assert index.index("00_ok.html") < index.index("01_broken.html") and "failed" in index
+    assert index.index("00_ok.html") < index.index("01_broken.html")
+    assert index.count("did not run to the end") == 1 and "ZeroDivisionError" in index  # the failure, on the map
     assert ">00_ok</a>" in index  # each lesson's title (its first heading) names its link
     assert "value 7" in (tmp_path / "build" / "html" / "00_ok.html").read_text()
+    assert "course-error" in (tmp_path / "build" / "html" / "01_broken.html").read_text()  # flagged on its page
 
     clean = strip_run_metadata(executed)
     assert set(clean.metadata) <= set(KEEP_NOTEBOOK_METADATA)
