@@ -13,6 +13,7 @@ import argparse
 import logging
 import re
 import shutil
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,20 +45,33 @@ for _name in ("papermill", "papermill.translators"):
 
 
 class KernelStatus:
-    """A lesson kernel's stderr (papermill's `stderr_file`), shown as one status line under the course's bar.
+    """Where a running lesson is, as one status line under the course's bar: its section and its progress bars.
 
-    A text progress bar rewrites its line with `\r`, so the latest non-empty line is the bar's current state
-    (`train: 45%|####5     | 225/500 [00:12<00:14, 18.3step/s]`).
+    It is papermill's `stderr_file` (what the kernel writes to stderr, as it comes) and nbclient's `on_cell_start`
+    hook (a Markdown heading names the section that runs next). A text progress bar rewrites its line with a
+    carriage return, so the latest non-empty line is the bar's current state; the status keeps its words and
+    numbers and leaves the bar out, so that the steps and the time left fit
+    (`train:  45%|####5     | 225/500 [00:12<00:14]` shows as `train:  45% 225/500 [00:12<00:14]`).
     """
 
     def __init__(self, line: tqdm, lesson: str) -> None:
-        self.line, self.lesson = line, lesson
+        self.line, self.lesson, self.section = line, lesson, ""
+        self.show("starting")
+
+    def show(self, text: str = "") -> None:
+        status = " · ".join(part for part in (self.lesson, self.section, text) if part)
+        self.line.set_description_str(f"  {status}"[: shutil.get_terminal_size().columns - 1])
+
+    def cell_started(self, cell: nbformat.NotebookNode, cell_index: int) -> None:
+        heading = cell.source.lstrip().splitlines()[0] if cell.cell_type == "markdown" and cell.source.strip() else ""
+        if heading.startswith("#"):
+            self.section = heading.lstrip("#").strip()
+            self.show()
 
     def write(self, text: str) -> int:
         latest = [part.strip() for part in re.split(r"[\r\n]", text) if part.strip()]
         if latest:
-            width = shutil.get_terminal_size().columns - 1
-            self.line.set_description_str(f"  {self.lesson}: {latest[-1]}"[:width])
+            self.show(re.sub(r"\s*\|[^|]*\|\s*", " ", latest[-1]))
         return len(text)
 
     def flush(self) -> None:
@@ -71,13 +85,13 @@ def lesson_notebooks(folder: str | Path = NOTEBOOKS) -> list[Path]:
 
 def execute_notebook(
     path: str | Path, out: str | Path, parameters: Mapping[str, Any] | None = None, timeout: int | None = None,
-    stderr: Any = None,
+    status: KernelStatus | None = None,
 ) -> nbformat.NotebookNode:
     """Run a notebook with papermill from its own folder, writing the executed copy to `out`.
 
-    `parameters` override the notebook's `parameters` cell; `stderr`, a file-like object, also receives what the
-    kernel writes to stderr, as it comes. Raises papermill's `PapermillExecutionError` when a cell fails; `out`
-    then holds the outputs up to and including the failing cell.
+    `parameters` override the notebook's `parameters` cell; `status`, if given, follows the run as it goes.
+    Raises papermill's `PapermillExecutionError` when a cell fails; `out` then holds the outputs up to and
+    including the failing cell.
     """
     import papermill
 
@@ -86,7 +100,7 @@ def execute_notebook(
     return papermill.execute_notebook(
         str(path), str(out), parameters=dict(parameters or {}), cwd=str(path.parent), kernel_name="python3",
         progress_bar=False, execution_timeout=timeout, kernel_manager_class=CourseKernelManager,
-        record_timing=False, stderr_file=stderr,
+        record_timing=False, stderr_file=status, on_cell_start=status and status.cell_started,
     )
 
 
@@ -127,13 +141,13 @@ def run_notebooks(
     out = Path(out)
     results: dict[str, str | None] = {}
     course = tqdm(total=len(notebooks), desc="course", unit="lesson")
-    status = tqdm(bar_format="{desc}", leave=False)
+    status = tqdm(bar_format="{desc}", leave=False, disable=not sys.stderr.isatty())  # a terminal's, not a log's
     try:
         for path in notebooks:
             course.set_postfix_str(path.stem)
             executed = out / "notebooks" / path.name
             try:
-                execute_notebook(path, executed, parameters, stderr=KernelStatus(status, path.stem))
+                execute_notebook(path, executed, parameters, status=KernelStatus(status, path.stem))
                 results[path.name] = None
             except Exception as e:  # a cell's error, a dead kernel, a timeout: report it, run the next lesson
                 message = str(e).strip()

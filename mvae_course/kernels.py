@@ -1,10 +1,11 @@
 """The Jupyter kernels this package starts (the course runner's and the grader's): this Python, over IPC.
 
-Two choices, each against a problem a learner met:
+Three choices, each against a problem a learner met:
 - Every kernel name resolves to an ipykernel in the interpreter running this code, so a `python3` kernelspec
   installed for another Python (user-level, conda base) cannot shadow the course's environment.
 - Kernels listen on Unix sockets (IPC) rather than TCP: nothing else on the machine can connect, and ipykernel
   has no reason to warn at every start that it "is running over TCP without encryption".
+- A kernel is shut down without the interrupt jupyter_client sends first (see `_async_interrupt_kernel`).
 
 The kernel's environment also carries `kernel_env()`: text progress bars (nobody watches a widget in a
 kernel the runner drives, and text is what the runner streams and the saved notebook shows) and, on a machine
@@ -54,6 +55,13 @@ class CourseKernelManager(AsyncKernelManager):
     @default("transport")
     def _transport_default(self) -> str:
         return "ipc"
+
+    async def _async_interrupt_kernel(self) -> None:
+        # jupyter_client interrupts every kernel it shuts down; the runner and the grader shut a kernel down
+        # once its notebook is done, and a SIGINT arriving then only makes ipykernel log "KeyboardInterrupt
+        # caught in kernel" on the terminal. A timed-out cell is still interrupted (not shutting down then).
+        if not self.shutting_down:
+            await super()._async_interrupt_kernel()
 
     @default("ip")
     def _ip_default(self) -> str:
