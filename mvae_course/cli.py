@@ -211,10 +211,24 @@ def run_reference(args: argparse.Namespace) -> int:
 
 
 def run_course(args: argparse.Namespace) -> int:
-    # Jupyter (papermill, ipykernel) is needed by this command only: every other one runs without it.
+    # Jupyter (papermill, ipykernel, nbconvert) is needed by `course` and `site` only: every other command
+    # runs without it, so they import it here.
     from mvae_course.course import run_course as run
 
     return run(args)
+
+
+def run_site(args: argparse.Namespace) -> int:
+    """Rebuild the course site (OUT/html) from the lessons `course` executed, without running them."""
+    from mvae_course.course import lesson_notebooks
+    from mvae_course.grading.exercises import EXERCISES
+    from mvae_course.site import build_site
+
+    lessons = lesson_notebooks(Path(args.out) / "notebooks")
+    if not lessons:
+        raise FileNotFoundError(f"no executed lessons in {Path(args.out) / 'notebooks'}: run `make run` first")
+    print(f"the course site: {build_site(lessons, Path(args.out) / 'html', sorted(EXERCISES.glob('*.ipynb')))}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -285,6 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="cpu", help="tiny for a smoke run, cpu for the real thing")
     p.add_argument("--max-steps", type=int, help="override the preset's training budget")
     p.set_defaults(func=run_course)
+
+    p = command("site", "rebuild the course site (OUT/html) from the lessons `course` executed")
+    p.add_argument("--out", default="build", help="the folder `course` wrote into (OUT/notebooks)")
+    p.set_defaults(func=run_site)
     return parser
 
 

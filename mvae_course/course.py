@@ -1,27 +1,29 @@
-"""The whole course end to end: every lesson executed with papermill, then exported to HTML.
+"""The whole course end to end: every lesson executed with papermill, then the offline course site.
 
-`python -m mvae_course course --out build` runs `notebooks/NN_*.ipynb` in order into `build/notebooks/`,
-exports each to `build/html/` with an `index.html` linking them, and says where to look. Each lesson is
-run in this very Python (whatever Jupyter kernels are installed), from the `notebooks/` folder, with its
-`parameters` cell overridden by papermill: `smoke` (the `tiny` preset) and optionally `max_steps`.
+`mvae-course course --out build` runs `notebooks/NN_*.ipynb` in order into `build/notebooks/`, builds the site
+from them and the exercises into `build/html/` (mvae_course/site.py) and says where to look. Each lesson runs in
+this very Python (mvae_course/kernels.py), from the `notebooks/` folder, with its `parameters` cell overridden by
+papermill: `smoke` (the `tiny` preset) and optionally `max_steps`. While a lesson runs, the terminal shows which
+one, and the latest line its kernel wrote to stderr: its progress bars (which training, the steps, the time left).
 """
 
 from __future__ import annotations
 
 import argparse
-import html
 import logging
-from collections.abc import Mapping
+import re
+import shutil
+import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import ipykernel.kernelspec
 import nbformat
-from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
-from jupyter_client.manager import AsyncKernelManager
-from traitlets import default
 
-from mvae_course.notebook import ROOT, data_dir, runs_dir
+from mvae_course.kernels import CourseKernelManager
+from mvae_course.notebook import ROOT, data_dir, relative, runs_dir
+from mvae_course.progress import tqdm
+from mvae_course.site import build_site
 
 NOTEBOOKS = ROOT / "notebooks"
 SMOKE_PRESETS = ("tiny", "smoke")
@@ -42,21 +44,38 @@ for _name in ("papermill", "papermill.translators"):
     logging.getLogger(_name).addFilter(_QuietSmokeDefault())
 
 
-class _ThisPythonSpecs(KernelSpecManager):
-    """Every kernel name resolves to an ipykernel in the interpreter running this code."""
+class KernelStatus:
+    """Where a running lesson is, as one status line under the course's bar: its section and its progress bars.
 
-    def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
-        spec = ipykernel.kernelspec.get_kernel_dict()  # argv starts with sys.executable
-        return self.kernel_spec_class(resource_dir=ipykernel.kernelspec.RESOURCES, **spec)
-
-
-class ThisPythonKernelManager(AsyncKernelManager):
-    """A kernel manager that ignores installed kernelspecs, so a user-level `python3` cannot shadow the venv.
+    It is papermill's `stderr_file` (what the kernel writes to stderr, as it comes) and nbclient's `on_cell_start`
+    hook (a Markdown heading names the section that runs next). A text progress bar rewrites its line with a
+    carriage return, so the latest non-empty line is the bar's current state; the status keeps its words and
+    numbers and leaves the bar out, so that the steps and the time left fit
+    (`train:  45%|####5     | 225/500 [00:12<00:14]` shows as `train:  45% 225/500 [00:12<00:14]`).
     """
 
-    @default("kernel_spec_manager")
-    def _kernel_spec_manager_default(self) -> KernelSpecManager:
-        return _ThisPythonSpecs(data_dir=self.data_dir)
+    def __init__(self, line: tqdm, lesson: str) -> None:
+        self.line, self.lesson, self.section = line, lesson, ""
+        self.show("starting")
+
+    def show(self, text: str = "") -> None:
+        status = " · ".join(part for part in (self.lesson, self.section, text) if part)
+        self.line.set_description_str(f"  {status}"[: shutil.get_terminal_size().columns - 1])
+
+    def cell_started(self, cell: nbformat.NotebookNode, cell_index: int) -> None:
+        heading = cell.source.lstrip().splitlines()[0] if cell.cell_type == "markdown" and cell.source.strip() else ""
+        if heading.startswith("#"):
+            self.section = heading.lstrip("#").strip()
+            self.show()
+
+    def write(self, text: str) -> int:
+        latest = [part.strip() for part in re.split(r"[\r\n]", text) if part.strip()]
+        if latest:
+            self.show(re.sub(r"\s*\|[^|]*\|\s*", " ", latest[-1]))
+        return len(text)
+
+    def flush(self) -> None:
+        pass
 
 
 def lesson_notebooks(folder: str | Path = NOTEBOOKS) -> list[Path]:
@@ -65,12 +84,14 @@ def lesson_notebooks(folder: str | Path = NOTEBOOKS) -> list[Path]:
 
 
 def execute_notebook(
-    path: str | Path, out: str | Path, parameters: Mapping[str, Any] | None = None, timeout: int | None = None
+    path: str | Path, out: str | Path, parameters: Mapping[str, Any] | None = None, timeout: int | None = None,
+    status: KernelStatus | None = None,
 ) -> nbformat.NotebookNode:
     """Run a notebook with papermill from its own folder, writing the executed copy to `out`.
 
-    `parameters` override the notebook's `parameters` cell. Raises papermill's `PapermillExecutionError`
-    when a cell fails; `out` then holds the outputs up to and including the failing cell.
+    `parameters` override the notebook's `parameters` cell; `status`, if given, follows the run as it goes.
+    Raises papermill's `PapermillExecutionError` when a cell fails; `out` then holds the outputs up to and
+    including the failing cell.
     """
     import papermill
 
@@ -78,14 +99,13 @@ def execute_notebook(
     out.parent.mkdir(parents=True, exist_ok=True)
     return papermill.execute_notebook(
         str(path), str(out), parameters=dict(parameters or {}), cwd=str(path.parent), kernel_name="python3",
-        progress_bar=False, execution_timeout=timeout, kernel_manager_class=ThisPythonKernelManager,
-        record_timing=False,
+        progress_bar=False, execution_timeout=timeout, kernel_manager_class=CourseKernelManager,
+        record_timing=False, stderr_file=status, on_cell_start=status and status.cell_started,
     )
 
 
 def strip_run_metadata(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
-    """Drop what a run adds beside the outputs (papermill's records, timings); keep kernelspec and cell tags.
-    """
+    """Drop what a run adds beside the outputs (papermill's records, timings); keep kernelspec and cell tags."""
     nb.metadata = nbformat.from_dict({k: v for k, v in nb.metadata.items() if k in KEEP_NOTEBOOK_METADATA})
     for cell in nb.cells:
         tags = cell.metadata.get("tags")
@@ -108,93 +128,63 @@ def execute_in_place(path: str | Path, parameters: Mapping[str, Any] | None = No
     return path
 
 
-def export_html(notebook: str | Path, out: str | Path) -> Path:
-    """Write an executed notebook as a standalone HTML page."""
-    from nbconvert import HTMLExporter
-
-    body, _ = HTMLExporter().from_notebook_node(nbformat.read(notebook, as_version=4))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(body, encoding="utf-8")
-    return out
-
-
-def lesson_title(path: str | Path) -> str:
-    """The lesson's title: the first line of its first cell if that is a Markdown heading, else the file name.
-    """
-    cells = nbformat.read(path, as_version=4).cells
-    first = cells[0] if cells and cells[0].cell_type == "markdown" else None
-    heading = first.source.splitlines()[0] if first is not None and first.source else ""
-    return heading.lstrip("#").strip() if heading.startswith("#") else Path(path).stem
-
-
-def _index_page(entries: list[tuple[str, str, str | None]]) -> str:
-    """entries: (lesson title, HTML file name, error or None)."""
-    items = []
-    for name, page, error in entries:
-        status = f' <strong>failed</strong>: {html.escape(error)}' if error else ""
-        items.append(f'<li><a href="{html.escape(page)}">{html.escape(name)}</a>{status}</li>')
-    return (
-        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>mvae-course</title></head><body>\n"
-        "<h1>Multimodal VAEs for images and text: the lessons</h1>\n<ol>\n" + "\n".join(items) + "\n</ol>\n"
-        "</body></html>\n"
-    )
-
-
 def run_notebooks(
-    notebooks: list[Path], out: str | Path, parameters: Mapping[str, Any] | None = None
+    notebooks: Sequence[Path], out: str | Path, parameters: Mapping[str, Any] | None = None,
+    exercises: Sequence[Path] = (),
 ) -> dict[str, str | None]:
-    """Execute each notebook into `out/notebooks/`, export it to `out/html/`, and write `out/html/index.html`.
+    """Execute each notebook into `out/notebooks/`, then build the course site into `out/html/`.
 
     A failing lesson does not stop the others (lessons train or load their own models). Returns
-    {notebook name: None if it ran, else the error}; failed lessons are exported too, up to the failure.
+    {notebook name: None if it ran, else the error}; a failed lesson's page shows it up to the failure, flagged.
+    `exercises` (notebooks, each naming its lesson in its first cell) get pages of their own.
     """
-    from tqdm.auto import tqdm
-
     out = Path(out)
     results: dict[str, str | None] = {}
-    entries = []
-    bar = tqdm(notebooks, desc="lessons", unit="notebook")
-    for path in bar:
-        bar.set_postfix_str(path.name)
-        executed = out / "notebooks" / path.name
-        try:
-            execute_notebook(path, executed, parameters)
-            error = None
-        except Exception as e:  # a cell's error, a dead kernel, a timeout: report it, run the next lesson
-            error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
-            tqdm.write(f"{path.name} FAILED ({error}); its partial output is in {executed}")
-        page = f"{path.stem}.html"
-        if executed.is_file():
-            export_html(executed, out / "html" / page)
-        results[path.name] = error
-        entries.append((lesson_title(path), page, error))
-    (out / "html").mkdir(parents=True, exist_ok=True)
-    (out / "html" / "index.html").write_text(_index_page(entries), encoding="utf-8")
+    course = tqdm(total=len(notebooks), desc="course", unit="lesson")
+    status = tqdm(bar_format="{desc}", leave=False, disable=not sys.stderr.isatty())  # a terminal's, not a log's
+    try:
+        for path in notebooks:
+            course.set_postfix_str(path.stem)
+            executed = out / "notebooks" / path.name
+            try:
+                execute_notebook(path, executed, parameters, status=KernelStatus(status, path.stem))
+                results[path.name] = None
+            except Exception as e:  # a cell's error, a dead kernel, a timeout: report it, run the next lesson
+                message = str(e).strip()
+                results[path.name] = f"{type(e).__name__}: {message.splitlines()[-1] if message else ''}"
+                tqdm.write(f"{path.name} FAILED ({results[path.name]}); its partial output is in {executed}")
+            course.update()
+    finally:
+        status.close()
+        course.close()
+    executed = [out / "notebooks" / name for name in results if (out / "notebooks" / name).is_file()]
+    build_site(executed, out / "html", exercises, {name: error for name, error in results.items() if error})
     return results
 
 
 def run_course(args: argparse.Namespace) -> int:
-    """`python -m mvae_course course --out build [--preset tiny|cpu] [--max-steps N]`: run every lesson."""
+    """`mvae-course course --out build [--preset tiny|cpu] [--max-steps N]`: run every lesson, build the site."""
+    from mvae_course.grading.exercises import EXERCISES
+
     if args.preset not in SMOKE_PRESETS + CPU_PRESETS:
         raise SystemExit(
             f"--preset {args.preset!r}: the course runs on the built-in data with 'cpu' (the lessons' "
             "defaults) or 'tiny' (a smoke run); for full COCO on a GPU use "
-            "`python -m mvae_course train --preset coco_gpu`"
+            "`mvae-course train --preset coco_gpu`"
         )
     notebooks = lesson_notebooks()
     if not notebooks:
-        raise SystemExit(f"no lessons (NN_name.ipynb) found in {NOTEBOOKS}")
+        raise SystemExit(f"no lessons (NN_name.ipynb) found in {relative(NOTEBOOKS)}")
     smoke = args.preset in SMOKE_PRESETS
     parameters: dict[str, Any] = {"smoke": smoke}
     if args.max_steps is not None:
         parameters["max_steps"] = args.max_steps
     out = Path(args.out)
-    results = run_notebooks(notebooks, out, parameters)
+    results = run_notebooks(notebooks, out, parameters, sorted(EXERCISES.glob("*.ipynb")))
     failed = [name for name, error in results.items() if error]
     print(f"executed notebooks: {out / 'notebooks'}")
-    print(f"open in a browser:  {out / 'html' / 'index.html'}")
-    print(f"trained runs:       {runs_dir(smoke)}  (data under {data_dir(smoke)})")
+    print(f"the course site:    {out / 'html' / 'index.html'}  (open it in a browser; it works offline)")
+    print(f"trained runs:       {relative(runs_dir(smoke))}  (data under {relative(data_dir(smoke))})")
     if failed:
         print(f"{len(failed)} of {len(results)} lessons failed: {', '.join(failed)} (partial outputs above)")
         return 1

@@ -25,7 +25,6 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
 
 from mvae_course.atomic import FileLock
 from mvae_course.checkpoint import (
@@ -50,6 +49,7 @@ from mvae_course.distributed import (
 )
 from mvae_course.metrics_log import MetricsLog
 from mvae_course.models.mvae import MultimodalVAE
+from mvae_course.progress import tqdm
 
 VAL_SEED = 1234  # every validation pass draws the same latent noise, so its losses compare
 

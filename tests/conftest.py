@@ -2,7 +2,8 @@
 
 Lessons read `MVAE_SMOKE` for the default of their `smoke` parameter; setting it here (before any kernel
 starts) makes both the papermill runs of tests/test_notebooks.py and nbval's runs of notebooks/ quick.
-Set MVAE_SMOKE=0 to test the notebooks with their full defaults instead.
+Set MVAE_SMOKE=0 to test the notebooks with their full defaults instead. MVAE_TEXT_PROGRESS=1 gives nbval's
+kernels the text progress bars of the course runner's (mvae_course/progress.py), not ipywidgets.
 """
 
 import io
@@ -19,6 +20,7 @@ from PIL import Image
 from mvae_course.notebook import coco_mini_path
 
 os.environ.setdefault("MVAE_SMOKE", "1")
+os.environ.setdefault("MVAE_TEXT_PROGRESS", "1")
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -15,6 +15,7 @@ import pytest
 
 from mvae_course.course import (
     KEEP_NOTEBOOK_METADATA,
+    KernelStatus,
     execute_notebook,
     lesson_notebooks,
     run_course,
@@ -117,13 +118,33 @@ def test_run_notebooks_reports_failures_and_exports_html(tmp_path: Path):
     assert executed.cells[-1].outputs[0]["text"] == "value 7\n"  # the parameter reached the kernel
     assert _errors(_read(tmp_path / "build" / "notebooks" / "01_broken.ipynb"))  # partial output kept
     index = (tmp_path / "build" / "html" / "index.html").read_text()
-    assert index.index("00_ok.html") < index.index("01_broken.html") and "failed" in index
+    assert index.index("00_ok.html") < index.index("01_broken.html")
+    assert index.count("did not run to the end") == 1 and "ZeroDivisionError" in index  # the failure, on the map
     assert ">00_ok</a>" in index  # each lesson's title (its first heading) names its link
     assert "value 7" in (tmp_path / "build" / "html" / "00_ok.html").read_text()
+    assert "course-error" in (tmp_path / "build" / "html" / "01_broken.html").read_text()  # flagged on its page
 
     clean = strip_run_metadata(executed)
     assert set(clean.metadata) <= set(KEEP_NOTEBOOK_METADATA)
     assert all(set(c.metadata) <= {"tags"} for c in clean.cells)
+
+
+def test_kernel_status_shows_the_latest_state_of_a_progress_bar():
+    class Line:
+        description = ""
+
+        def set_description_str(self, text: str) -> None:
+            self.description = text
+
+    line = Line()
+    status = KernelStatus(line, "02_image_vae")
+    assert line.description == "  02_image_vae · starting"
+    status.cell_started(nbformat.v4.new_markdown_cell("## 3. Training\n\ntext"), 9)
+    status.cell_started(nbformat.v4.new_code_cell("# not a heading"), 10)
+    assert line.description == "  02_image_vae · 3. Training"
+    for chunk in ["\rtrain:   0%|          | 0/500", "\rtrain:  45%|####5     | 225/500 [00:12<00:14]", "\n"]:
+        assert status.write(chunk) == len(chunk)
+    assert line.description == "  02_image_vae · 3. Training · train:  45% 225/500 [00:12<00:14]"  # no bar
 
 
 def test_run_course_rejects_the_gpu_preset(tmp_path: Path):

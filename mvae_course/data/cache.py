@@ -41,7 +41,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from mvae_course.atomic import FileLock, atomic_dir, clean_stale_temps
 from mvae_course.config import MAX_CAPTION_TOKENS
@@ -53,6 +52,7 @@ from mvae_course.data.coco import (
     read_captions,
 )
 from mvae_course.data.text import EOS, PAD, check_max_tokens, truncate_captions
+from mvae_course.progress import tqdm
 
 __all__ = [
     "CacheError",

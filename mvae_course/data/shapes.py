@@ -36,7 +36,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
-from tqdm.auto import tqdm
+
+from mvae_course.progress import tqdm
 
 SHAPES = ("circle", "square", "triangle", "cross", "star")
 SIZES = ("small", "large")

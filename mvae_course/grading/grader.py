@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import secrets
-import subprocess
 import tempfile
 import time
 import zlib
@@ -32,8 +31,9 @@ from mvae_course.grading.integrity import notebook_code
 from mvae_course.grading.kernel import KERNEL_SOURCE
 from mvae_course.grading.question import Question, Verdict, failed, verdict
 from mvae_course.grading.registry import NOTEBOOKS
+from mvae_course.kernels import CourseKernelManager
 
-KERNEL_NAME = "python3"  # resolved by jupyter_client to this interpreter (sys.executable)
+KERNEL_NAME = "python3"  # CourseKernelManager resolves it to this interpreter (sys.executable)
 METADATA_KEY = "mvae_course"  # notebook metadata: {"mvae_course": {"exercises": "01_elbo_exercises"}}
 _CALL = "mvae_grading_call"  # metadata flag of the cells the grader adds, which get the call timeout
 
@@ -206,13 +206,13 @@ def grade_notebook(
     submitted = len(nb.cells)
     seed = secrets.randbits(62) if seed is None else seed
     client = NotebookClient(
-        nb, kernel_name=KERNEL_NAME, allow_errors=True, interrupt_on_timeout=True, shutdown_kernel="immediate",
+        nb, kernel_name=KERNEL_NAME, kernel_manager_class=CourseKernelManager, allow_errors=True,
+        interrupt_on_timeout=True, shutdown_kernel="immediate",
         timeout_func=lambda cell: call_timeout if cell.metadata.get(_CALL) else timeout,
         error_on_timeout={"ename": "TimeoutError", "evalue": "the cell ran past its timeout", "traceback": []},
         resources={"metadata": {"path": str(path.resolve().parent)}},
     )
-    # The kernel's own stderr (ipykernel's start-up warnings) would only clutter the report.
-    with tempfile.TemporaryDirectory(prefix="mvae-grade-") as tmp, client.setup_kernel(stderr=subprocess.DEVNULL):
+    with tempfile.TemporaryDirectory(prefix="mvae-grade-") as tmp, client.setup_kernel():
         session = _KernelSession(client, Path(tmp), call_timeout, notebook_code(nb.cells[:submitted]))
         try:
             for index in range(submitted):
