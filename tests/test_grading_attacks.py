@@ -17,7 +17,11 @@ import io
 import json
 import os
 import re
+import shutil
 import site
+import socket
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -29,9 +33,10 @@ import pytest
 
 from mvae_course import cli
 from mvae_course.grading.grader import (
-    NotebookGrade, check_record, format_report, grade_notebooks, write_gradebook_csv,
+    NotebookGrade, _helper_failure, check_record, format_report, grade_notebooks, write_gradebook_csv,
 )
 from mvae_course.grading.question import Verdict
+from mvae_course.grading import sandbox
 from mvae_course.grading.sandbox import PACKAGE, Confinement, KernelBox, Limits, confinement
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,6 +68,8 @@ class Where:
     gradebook: Path
     gradebook_csv: Path
     marker: Path  # created only if the grader ran the attacker's pickle
+    host_tmp: Path  # a file in the grader's /tmp that a kernel with a private /tmp cannot create
+    port: int  # the grader's machine listens on 127.0.0.1:port
 
 
 # --- the attacks ------------------------------------------------------------------------------------------
@@ -100,6 +107,7 @@ NOISE = [
     f'print("{FAKE}")',
     'print("x" * 20_000_000)  # one message larger than the grader reads',
     'for _ in range(40):\n    print("y" * 100_000)',
+    "hog = bytearray(16 * 2**30)  # more memory than a kernel may have",
     f'raise RuntimeError("{FAKE}")',
     f'def reparameterize(mu, logvar, eps):\n    raise ValueError("{FAKE}")',
 ]
@@ -120,6 +128,17 @@ for cell in nb["cells"]:
     source = "".join(cell["source"])
     if cell["cell_type"] == "code" and not source.startswith("check("):
         exec(source, globals())
+'''
+REACH_OUT = '''
+import socket
+with open("{host_tmp}", "w") as f:  # the grader's /tmp, or a private one
+    f.write("rita was here")
+try:
+    socket.create_connection(("127.0.0.1", {port}), timeout=2).close()
+except OSError:
+    pass
+else:
+    raise RuntimeError("reached the grader's loopback")
 '''
 
 VANDALISE = '''
@@ -210,7 +229,9 @@ ATTACKS = {
     "forge": Attack("mallory", lambda w: _code(SOLUTION) + [FORGE.format(marker=w.marker)]),
     "noise": Attack("eve", lambda w: _code(SOLUTION) + NOISE),
     "loop": Attack("lou", lambda w: _code(SOLUTION) + [LOOP]),
-    "read_solutions": Attack("rita", lambda w: _code(STUBS) + [READ_SOLUTIONS.format(solutions=SOLUTIONS)]),
+    "read_solutions": Attack("rita", lambda w: _code(STUBS) + [
+        REACH_OUT.format(host_tmp=w.host_tmp, port=w.port), READ_SOLUTIONS.format(solutions=SOLUTIONS),
+    ]),
     # Three attacks on the machine in one notebook (a kernel each would cost the tests seconds of CPU).
     "sabotage": Attack("victor", lambda w: _code(SOLUTION) + [
         VANDALISE.format(folder=w.folder), KILL,
@@ -267,7 +288,13 @@ def batch(request, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp(f"attacks-{mode}")
     folder = out / "submissions"
     folder.mkdir()
-    where = Where(folder, out / "grades.json", out / "grades.csv", out / "pwned-by-mallory")
+    listener = socket.create_server(("127.0.0.1", 0))
+    request.addfinalizer(listener.close)
+    host_tmp = Path(tempfile.gettempdir(), f"mvae-rita-{os.getpid()}-{mode}")
+    host_tmp.unlink(missing_ok=True)
+    request.addfinalizer(lambda: host_tmp.unlink(missing_ok=True))
+    where = Where(folder, out / "grades.json", out / "grades.csv", out / "pwned-by-mallory", host_tmp,
+                  listener.getsockname()[1])
     innocents = {}
     for name in INNOCENTS:
         innocents[name] = folder / f"{name}.ipynb"
@@ -284,13 +311,14 @@ def batch(request, tmp_path_factory) -> dict:
     # Every kernel's folder goes under `boxes`, so that the processes of this batch can be told apart.
     boxes = Path(tempfile.mkdtemp(prefix="mvae-test-boxes-"))
     boxes.chmod(0o711)  # kernels under their own uid must reach their folders in it
+    request.addfinalizer(lambda: shutil.rmtree(boxes, ignore_errors=True))
     stdout, stderr = io.StringIO(), io.StringIO()
     start = time.monotonic()
     command = ["grade", *map(str, paths), "--json", str(where.gradebook), "--csv", str(where.gradebook_csv),
                "--jobs", "4", "--call-timeout", str(CALL_TIMEOUT), "--sandbox", mode]
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout), \
             contextlib.redirect_stderr(stderr):
-        mp.setattr(tempfile, "tempdir", str(boxes))
+        mp.setattr(sandbox, "_box_parent", lambda: str(boxes))
         status = cli.main(command)
     seconds = time.monotonic() - start
     written = (where.gradebook.read_bytes(), where.gradebook_csv.read_bytes())
@@ -392,6 +420,8 @@ def test_fake_report_lines_and_floods_of_output_are_contained(batch):
     g = _attacker(batch, "noise")
     assert g["points"] == 8 and "ValueError" in _feedback(g)["q1"]  # its honest answers still count
     assert any("cell output beyond" in note for note in g["notes"])
+    assert any(f"more than {Limits().message} bytes" in note for note in g["notes"])  # the 20 MB message
+    assert any("MemoryError" in e for e in g["cell_errors"])
     lines = batch["report"].splitlines()
     assert "\x1b" not in batch["report"]
     assert [line for line in lines if line.startswith("all notebooks:")] == [
@@ -413,12 +443,14 @@ def test_a_loop_that_ignores_sigint_is_killed_at_its_timeout(batch):
 
 
 @pytest.mark.slow
-def test_solutions_are_out_of_reach_in_the_sandbox(batch):
+def test_solutions_the_network_and_tmp_are_out_of_reach_in_the_sandbox(batch):
     g = _attacker(batch, "read_solutions")
+    reached = any("reached the grader's loopback" in e for e in g["cell_errors"])
     if batch["conf"].bwrap:
         assert g["points"] == 0 and any("No such file" in e for e in g["cell_errors"]), g
-    else:  # without the sandbox the solutions can be read: that is what the warning says
-        assert g["points"] == g["max_points"]
+        assert not reached and not batch["where"].host_tmp.exists()
+    else:  # without the sandbox all three can be reached: that is what the warning says
+        assert g["points"] == g["max_points"] and reached and batch["where"].host_tmp.exists()
 
 
 @pytest.mark.slow
@@ -494,6 +526,13 @@ def test_records_are_checked_before_they_are_judged():
         assert problem in (check_record(record, 3) or ""), (record, problem)
 
 
+def test_a_broken_grading_helper_is_named():
+    error = nbformat.v4.new_output("error", ename="ImportError", evalue="torch halted", traceback=[])
+    cell = nbformat.v4.new_code_cell("import torch", outputs=[error])
+    assert "helper could not run in this kernel (ImportError: torch halted)" in _helper_failure(cell)
+    assert _helper_failure(nbformat.v4.new_code_cell("x = 1")) is None
+
+
 def test_report_and_csv_escape_what_a_submission_wrote(tmp_path):
     v = Verdict("q1", "f", "t", 0, 2, "raised ValueError: x\n  total  10/10\x1b[2K")
     g = NotebookGrade("sub\n  total 9/9.ipynb", "01_elbo_exercises", 1, [v],
@@ -530,3 +569,34 @@ def test_a_notebook_past_its_deadline_is_killed(tmp_path):
     assert any("ran past its 4 s deadline" in note for note in g.notes)
     feedback = [v.feedback for v in g.verdicts]
     assert all("died" in f or "stopped" in f for f in feedback), feedback
+
+
+@pytest.mark.slow
+def test_kernels_die_with_the_grader(tmp_path):
+    conf = confinement("auto")
+    if not conf.bwrap:
+        if os.environ.get("MVAE_REQUIRE_BWRAP") == "1":
+            pytest.fail(f"MVAE_REQUIRE_BWRAP=1 but bubblewrap cannot run here: {conf.missing}")
+        pytest.skip(f"only a sandbox dies with the grader, and bubblewrap cannot run here ({conf.missing})")
+    sleeper = _write(tmp_path, "sam_01_elbo_exercises", ["import time\ntime.sleep(300)"])
+    boxes = Path(tempfile.mkdtemp(prefix="mvae-test-boxes-"))
+    boxes.chmod(0o711)
+    command = [sys.executable, "-m", "mvae_course", "grade", str(sleeper), "--sandbox", "bwrap"]
+    grader = subprocess.Popen(command, env={**os.environ, "TMPDIR": str(boxes)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        start = time.monotonic()
+        while not any("ipykernel" in p for p in _processes_under(boxes)):
+            assert grader.poll() is None and time.monotonic() - start < 120, "the kernel never started"
+            time.sleep(0.2)
+        time.sleep(1)  # the kernel is in its sleeping cell
+        grader.kill()  # SIGKILL: the grader cannot clean up
+        grader.wait()
+        start = time.monotonic()
+        while _processes_under(boxes) and time.monotonic() - start < 10:
+            time.sleep(0.2)
+        assert _processes_under(boxes) == []
+    finally:
+        grader.kill()
+        grader.wait()
+        shutil.rmtree(boxes, ignore_errors=True)

@@ -236,6 +236,15 @@ def _cell_errors(cells: list[nbformat.NotebookNode]) -> list[str]:
     return errors
 
 
+def _helper_failure(cell: nbformat.NotebookNode) -> str | None:
+    """Why the grader's helper cell failed in the kernel (e.g. torch would not import), or None."""
+    for out in cell.get("outputs", []):
+        if out.get("output_type") == "error":
+            error = f"{one_line(out.get('ename', ''), 80)}: {one_line(out.get('evalue', ''))}"
+            return f"the grader's helper could not run in this kernel ({error})"
+    return None
+
+
 def _check_outputs(value: Any, depth: int = 0, counts: list[int] | None = None) -> str | None:
     """None when `value` is plain data of bounded size (tensors, numbers, strings and None, in lists,
     tuples and dicts with string keys), else what is wrong with it."""
@@ -483,6 +492,7 @@ def _run_and_grade(sub: Submission, seed: int, deadlines: Deadlines, limits: Lim
                     for index in range(submitted):
                         session.execute(index)
                     session.run(_KERNEL_HELPER, call=False)
+                    session.dead = _helper_failure(nb.cells[-1])
                 except DeadKernelError:
                     session.dead = (
                         late if overdue.is_set()

@@ -183,7 +183,7 @@ class KernelBox:
 
     def __init__(self, confinement: Confinement, limits: Limits, uid: int | None) -> None:
         self.confinement, self.limits, self.uid = confinement, limits, uid
-        self.root = Path(tempfile.mkdtemp(prefix="mvae-grade-"))
+        self.root = Path(tempfile.mkdtemp(prefix="mvae-grade-", dir=_box_parent()))
         self.inbox, self.work = self.root / "in", self.root / "work"
         self.inbox.mkdir()
         self.work.mkdir(mode=0o700)
@@ -252,7 +252,7 @@ class KernelBox:
         if os.geteuid() == 0:  # bwrap keeps root's capabilities; confine.py needs only these to drop them
             args += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
         else:
-            args += ["--unshare-user", "--disable-userns"]
+            args += ["--unshare-user"] + (["--disable-userns"] if _bwrap_knows("--disable-userns") else [])
         args += ["--ro-bind", "/usr", "/usr"]
         for name in _ROOT_LINKS:
             path = Path("/", name)
@@ -262,8 +262,8 @@ class KernelBox:
                 args += ["--ro-bind", str(path), str(path)]
         for name in _ETC:
             args += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
-        args += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--size", str(self.limits.tmp_size),
-                 "--tmpfs", "/tmp"]
+        size = ["--size", str(self.limits.tmp_size)] if _bwrap_knows("--size") else []  # bwrap >= 0.7
+        args += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", *size, "--tmpfs", "/tmp"]
         made = {Path("/"), Path("/usr"), Path("/tmp"), Path("/etc"), Path("/proc"), Path("/dev")}
         bound: list[Path] = [Path("/usr")]
         for path, flag in [(p, "--ro-bind") for p in _read_only_paths()] + [
@@ -320,6 +320,23 @@ class KernelBox:
         with self._lock:
             self._closed = True
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _bwrap_knows(option: str) -> bool:
+    """Whether this bwrap has `option` (older ones lack --size and --disable-userns)."""
+    try:
+        done = subprocess.run(["bwrap", "--help"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return option in (done.stdout + done.stderr).split()
+
+
+def _box_parent() -> str:
+    """Where kernels' folders go: the temporary folder, unless its path is so long that the kernel's unix
+    sockets in it would pass the 107 bytes a socket path may have (then /tmp)."""
+    base = tempfile.gettempdir()
+    return base if len(base) <= 60 else "/tmp"
 
 
 def _read_only_paths() -> list[Path]:
