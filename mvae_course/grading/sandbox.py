@@ -13,7 +13,12 @@ With bubblewrap (`bwrap`, Debian package `bubblewrap`), each kernel gets
 
 Without bwrap, or where it cannot create namespaces, a kernel still gets the limits, a clean environment,
 its own folder and the deadlines (its process group is killed), and the grader warns once that
-submissions are not isolated: a hostile one can then read and write whatever the grader's user can.
+submissions are not isolated: a hostile one can then read and write whatever the grader's user can,
+and a process that leaves its process group outlives grading (unless it runs under a uid of its own).
+
+Left to the operating system even with bwrap: disk use in the kernel's folder (files of up to
+`file_size` each, until the deadline: there is no quota), CPU time (bounded by the deadlines only), and
+the Linux kernel's own attack surface (namespaces are not a virtual machine; no seccomp filter).
 """
 
 from __future__ import annotations
