@@ -1,8 +1,10 @@
 """Graded exercises and the autograder.
 
 - `check(question_id, fn)`: instant feedback on one exercise, in the notebook.
-- `python -m mvae_course grade PATH...`: the grade, each notebook run in its own kernel and judged here.
+- `python -m mvae_course grade PATH...`: the grade, each notebook run in its own sandboxed kernel
+  (sandbox.py, confine.py) and judged here (grader.py).
 - `python -m mvae_course exercises build|check`: exercises/ generated from solutions/.
+- `python -m mvae_course exercises release OUT`: what learners get, without solutions/ (release.py).
 """
 
 from __future__ import annotations
