@@ -7,7 +7,7 @@ among the arguments stands for arguments left out and is dropped. Each command i
 - a course command is parsed by the real argument parser (mvae_course/cli.py) with the arguments shown, so a
   flag, a choice or a subcommand the CLI does not accept fails here; the notebooks a `grade` command names exist;
 - the cheap ones then run for real, writing into a temporary folder instead of the shown one: `shapes` (with a
-  few small images), `prepare` (on coco-mini, when present) and `exercises check` / `exercises build`. Training, evaluation,
+  few small images), `prepare` (on coco-mini, when present) and `exercises check` / `build` / `release`. Training, evaluation,
   comparison, grading, the course runner and the site builder take minutes or need earlier runs: they are parsed
   only (the tests of those modules run their code);
 - a `make` command must name a target `make -n` accepts, and the course commands its recipe would run are
@@ -139,6 +139,8 @@ def check_course_command(command: str, tmp_path: Path) -> None:
         argv = _redirect(argv, "--out", tmp_path / "cache" / "train")
     elif args.action == "build":
         argv = _redirect(argv, "--exercises", tmp_path / "exercises")
+    elif args.action == "release":  # into a new temporary folder, not the shown one
+        argv = [str(tmp_path / "handout") if a.rstrip("/") == str(args.out) else a for a in argv]
     assert main(argv) == 0, f"`{command}` (run as `{shlex.join(argv)}`) failed"
 
 
