@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-FUSIONS = ("independent", "poe", "moe", "mopoe")
+FUSIONS = ("independent", "poe", "moe", "mopoe", "mmvaeplus")
 IMAGE_LIKELIHOODS = ("gaussian", "bernoulli", "continuous_bernoulli")
 
 
@@ -61,11 +61,23 @@ class ModelConfig:
     word_dropout: float = 0.0  # fraction of decoder inputs replaced by UNK (a remedy for posterior collapse)
     image_weight: float = 1.0  # scales log p(image | z) in the training objective (MMVAE-style rescaling)
     text_weight: float = 1.0  # scales log p(text | z) in the training objective; reported ELBOs stay unscaled
+    # fusion="mmvaeplus" only (MMVAE+, Palumbo et al. 2023): see models/mvae.py.
+    private_dim: int = 8  # size of each modality's private latent w_m, beside the shared z
+    aux_prior_scale: float = 1.0  # initial std of the auxiliary prior r(w_m) of the cross-modal terms
+    learn_aux_prior: bool = True  # learn r's std per dimension (both reference codes do)
+    k_samples: int = 1  # importance samples per modality in the objective
+    dreg: bool = True  # DReG gradients (Tucker et al. 2019) rather than the plain IWAE gradient
 
     def __post_init__(self) -> None:
         self.image_channels = tuple(self.image_channels)
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
+        bad_plus = self.private_dim < 1 or self.k_samples < 1 or self.aux_prior_scale <= 0
+        if self.fusion == "mmvaeplus" and bad_plus:
+            raise ValueError(
+                "fusion='mmvaeplus' needs private_dim >= 1, k_samples >= 1 and aux_prior_scale > 0, got "
+                f"{self.private_dim}, {self.k_samples} and {self.aux_prior_scale}"
+            )
         if self.image_likelihood not in IMAGE_LIKELIHOODS:
             raise ValueError(
                 f"image_likelihood must be one of {IMAGE_LIKELIHOODS}, got {self.image_likelihood!r}"
