@@ -63,8 +63,8 @@ class ModelConfig:
     text_weight: float = 1.0  # scales log p(text | z) in the training objective; reported ELBOs stay unscaled
     # fusion="mmvaeplus" only (MMVAE+, Palumbo et al. 2023): see models/mvae.py.
     private_dim: int = 8  # size of each modality's private latent w_m, beside the shared z
-    aux_prior_scale: float = 1.0  # initial std of the auxiliary prior r(w_m) of the cross-modal terms
-    learn_aux_prior: bool = True  # learn r's std per dimension (both reference codes do)
+    aux_prior_scale: float = 1.0  # mean std of the auxiliary prior r(w_m) of the cross-modal terms
+    learn_aux_prior: bool = True  # learn how r's std spreads over the dimensions (the reference code does)
     k_samples: int = 1  # importance samples per modality in the objective
     dreg: bool = True  # DReG gradients (Tucker et al. 2019) rather than the plain IWAE gradient
 

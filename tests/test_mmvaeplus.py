@@ -75,11 +75,14 @@ def test_every_parameter_gets_a_finite_gradient_and_a_fixed_aux_prior_none():
     model(synthetic_batch())["loss"].backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
-    assert model.aux_log_scale.grad.abs().sum() > 0  # r's scale is learnt through the cross-modal terms
+    assert model.aux_logits.grad.abs().sum() > 0  # r's spread is learnt through the cross-modal terms
     fixed = plus(learn_aux_prior=False, aux_prior_scale=2.0)
     fixed(synthetic_batch())["loss"].backward()
-    assert fixed.aux_log_scale.grad is None
-    torch.testing.assert_close(fixed.aux_log_scale.exp(), torch.full_like(fixed.aux_log_scale, 2.0))
+    assert fixed.aux_logits.grad is None
+    torch.testing.assert_close(fixed.aux_std(), torch.full((2, fixed.config.private_dim), 2.0))
+    with torch.no_grad():
+        model.aux_logits.normal_()
+    torch.testing.assert_close(model.aux_std().mean(-1), torch.ones(2))  # learnt: the spread, not the size
 
 
 # --- the objective ------------------------------------------------------------------------------------
@@ -101,7 +104,7 @@ def reference_m_elbo(model: MultimodalVAE, batch: dict[str, torch.Tensor], beta:
     qu_x = {m: Normal(mu, torch.exp(0.5 * logvar)) for m, (mu, logvar) in params.items()}
     eps = torch.randn(K, M, B, params["image"][0].shape[-1], dtype=DTYPE)
     uss = {m: qu_x[m].loc + qu_x[m].scale * eps[:, i] for i, m in enumerate(names)}  # K x B x (z + w)
-    sigma_r = model.aux_log_scale.exp()
+    sigma_r = config.aux_prior_scale * torch.softmax(model.aux_logits, -1) * config.private_dim  # pw_params
     aux = {n: torch.randn(M, K, B, config.private_dim, dtype=DTYPE) * sigma_r[j] for j, n in enumerate(names)}
 
     def log_px(target: str, u: torch.Tensor) -> torch.Tensor:  # log p(x_target | u), K x B
@@ -133,9 +136,10 @@ def reference_m_elbo(model: MultimodalVAE, batch: dict[str, torch.Tensor], beta:
 
 @pytest.mark.parametrize("dreg", [True, False])
 def test_the_loss_matches_the_reference_formula_on_random_inputs(dreg):
-    model = plus(seed=3, k_samples=3, dreg=dreg, text_weight=2.5, image_weight=0.7).double()
+    model = plus(seed=3, k_samples=3, dreg=dreg, text_weight=2.5, image_weight=0.7, aux_prior_scale=1.5)
+    model = model.double()
     with torch.no_grad():
-        model.aux_log_scale.uniform_(-0.5, 0.8)  # a learnt, uneven r
+        model.aux_logits.uniform_(-0.5, 0.8)  # a learnt, uneven r
     batch = random_batch(seed=4)
     torch.manual_seed(11)
     terms = model(batch, beta=0.3)
@@ -172,7 +176,7 @@ def test_the_auxiliary_prior_feeds_the_cross_modal_terms_only():
     torch.manual_seed(2)
     base = model(batch)
     with torch.no_grad():
-        model.aux_log_scale[1] += 3.0  # a much wider r(w_text)
+        model.aux_logits[1, 0] += 3.0  # r(w_text) spread unevenly
     torch.manual_seed(2)
     wide = model(batch)
     torch.testing.assert_close(wide["rec_image_from_text"], base["rec_image_from_text"])  # reads r(w_image)
@@ -269,7 +273,7 @@ def test_dreg_keeps_the_value_and_the_decoder_gradients_and_changes_the_encoders
     torch.testing.assert_close(losses[True], losses[False])
     for name in grads[True]:
         same = torch.allclose(grads[True][name], grads[False][name], rtol=1e-9, atol=1e-12)
-        if "decoder" in name or name == "aux_log_scale":  # generative side: sum_k w_k grad log w_k in both
+        if "decoder" in name or name == "aux_logits":  # generative side: sum_k w_k grad log w_k in both
             assert same, name
         elif name.endswith("to_params.weight"):  # the encoders' heads: DReG's own gradient
             assert not same, name
@@ -341,7 +345,7 @@ def test_training_resumes_exactly(full_run, tmp_path, data_dir, monkeypatch):
     resumed = train(small_config(), tmp_path / "cut", resume=True, progress=False, data_dir=data_dir)
     assert resumed.step == 8
     weights = full_run.model.state_dict()
-    assert "aux_log_scale" in weights
+    assert "aux_logits" in weights
     assert all(torch.equal(value, resumed.model.state_dict()[key]) for key, value in weights.items())
 
 
@@ -375,4 +379,4 @@ def test_the_train_command_trains_mmvaeplus(tmp_path, data_dir, capsys):
                    "--device", "cpu"])
     assert status == 0
     out = capsys.readouterr().out
-    assert "trained 3 steps" in out and "aux_std_text" in out
+    assert "trained 3 steps" in out and "rec_image_from_text" in out
