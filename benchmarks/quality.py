@@ -2,13 +2,13 @@
 
 Taught in notebooks/07_evaluation.ipynb.
 
-    python benchmarks/quality.py                         # the four fusions, cpu preset, 2 threads
+    python benchmarks/quality.py                         # the five fusions, cpu preset, 2 threads
     python benchmarks/quality.py --out /tmp/quality --threads 2 --fusions mopoe
     python benchmarks/quality.py --train-only --fusions poe --threads 1   # one fusion per process, then
     python benchmarks/quality.py                                          # evaluate and tabulate all
 
 The same runs as `python -m mvae_course compare --data shapes --level 4 --fusions independent poe moe
-mopoe --preset cpu`, with the cost of each training run measured: wall seconds, process CPU seconds,
+mopoe mmvaeplus --preset cpu`, with the cost of each training run measured: wall seconds, process CPU seconds,
 steps and samples/s. On a shared machine wall time depends on the neighbours; CPU seconds per step do
 not (much), and CPU seconds / threads estimates the wall time on an otherwise idle machine. It writes
 `OUT/quality.md` (the compare table and a cost table) and `OUT/quality.json`, next to compare's own files.

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 import yaml
 
-FUSIONS = ("independent", "poe", "moe", "mopoe")
+FUSIONS = ("independent", "poe", "moe", "mopoe", "mmvaeplus")
 IMAGE_LIKELIHOODS = ("gaussian", "bernoulli", "continuous_bernoulli")
 DATASETS = ("shapes", "coco")
 ON_BAD = ("raise", "skip")  # what a bad annotation entry or image does: stop with an error, or is left out
@@ -189,6 +189,12 @@ class ModelConfig:
     word_dropout: float = 0.0  # fraction of decoder inputs replaced by UNK (a remedy for posterior collapse)
     image_weight: float = 1.0  # scales log p(image | z) in the training objective (MMVAE-style rescaling)
     text_weight: float = 1.0  # scales log p(text | z) in the training objective; reported ELBOs stay unscaled
+    # fusion="mmvaeplus" only (MMVAE+, Palumbo et al. 2023): see models/mvae.py.
+    private_dim: int = 8  # size of each modality's private latent w_m, beside the shared z
+    aux_prior_scale: float = 1.0  # mean std of the auxiliary prior r(w_m) of the cross-modal terms
+    learn_aux_prior: bool = True  # learn how r's std spreads over the dimensions (the reference code does)
+    k_samples: int = 1  # importance samples per modality in the objective
+    dreg: bool = True  # DReG gradients (Tucker et al. 2019) rather than the plain IWAE gradient
 
     SECTION: ClassVar[str] = "model"
     CHECKS: ClassVar[dict[str, Check]] = {
@@ -198,6 +204,8 @@ class ModelConfig:
         "vocab_size": integer(0), "emb_dim": integer(1), "enc_hidden": integer(1), "dec_hidden": integer(1),
         "max_caption_len": integer(1), "word_dropout": number(0, high=1, high_open=True),
         "image_weight": number(0), "text_weight": number(0),
+        "private_dim": integer(1), "aux_prior_scale": number(0, low_open=True), "learn_aux_prior": boolean,
+        "k_samples": integer(1), "dreg": boolean,
     }
 
     def __post_init__(self) -> None:

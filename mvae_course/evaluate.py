@@ -61,14 +61,16 @@ def _caption_loader(cache: CaptionCache, batch_size: int, device: torch.device, 
 
 @torch.no_grad()
 def generate_captions(model: MultimodalVAE, tokenizer: CaptionTokenizer, cache: CaptionCache,
-                      batch_size: int = 128, **decode_kwargs: Any) -> list[str]:
+                      batch_size: int = 128, seed: int = 0, **decode_kwargs: Any) -> list[str]:
     """One generated caption per image of the cache (greedy unless `method=` says otherwise).
 
+    Any noise the model draws (a sampling decoder, mmvaeplus's private latent) comes from `seed`.
     Taught in notebooks/04_fusion.ipynb.
     """
     device = _device_of(model)
-    return [tokenizer.decode(ids) for images in _image_batches(cache, batch_size, device)
-            for ids in model.generate_text(images, **decode_kwargs)]
+    with seeded(seed, device):
+        return [tokenizer.decode(ids) for images in _image_batches(cache, batch_size, device)
+                for ids in model.generate_text(images, **decode_kwargs)]
 
 
 @torch.no_grad()
@@ -90,13 +92,14 @@ def coherence(model: MultimodalVAE, tokenizer: CaptionTokenizer, cache: CaptionC
     device = _device_of(model)
     true = [{a: attrs[a] for a in names} for attrs in cache.attributes]
 
-    hyps = generate_captions(model, tokenizer, cache, batch_size)
+    hyps = generate_captions(model, tokenizer, cache, batch_size, seed)
     out = {"image_to_text": attribute_accuracy([parse_caption(h, level) for h in hyps], true, names)}
 
     judged, wanted = [], []
-    for batch in _caption_loader(cache, batch_size, device, captions):
-        judged += classifier.predict(model.generate_image(batch["text"], batch["lengths"]))
-        wanted += [true[r] for r in cache.rows_of(batch["image_id"])]
+    with seeded(seed, device):
+        for batch in _caption_loader(cache, batch_size, device, captions):
+            judged += classifier.predict(model.generate_image(batch["text"], batch["lengths"]))
+            wanted += [true[r] for r in cache.rows_of(batch["image_id"])]
     out["text_to_image"] = attribute_accuracy(judged, wanted, names)
 
     with seeded(seed, device):

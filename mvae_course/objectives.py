@@ -212,6 +212,34 @@ def iwae_bound(log_w: Tensor) -> Tensor:
     return torch.logsumexp(log_w, dim=0) - math.log(log_w.shape[0])
 
 
+def iwae_looser(log_w: Tensor) -> Tensor:
+    """The stratified importance-weighted bound of a mixture posterior, the average over its M components
+    outside the log: (1/M) sum_m log (1/K) sum_k w_mk, K samples from each component (Shi et al., 2019).
+
+    log_w: M x K x B, row m computed at samples of component m with log q = the whole mixture's density.
+    Returns B. By Jensen's inequality it is below log p(x), and below IWAE with the M K samples inside one
+    log (hence "looser"); MMVAE+ trains on it. K = 1 gives the stratified ELBO.
+    """
+    return iwae_bound(log_w.transpose(0, 1)).mean(0)
+
+
+def dreg_surrogate(log_w: Tensor, z: Tensor) -> Tensor:
+    """A surrogate whose gradient is the DReG estimator of the IWAE gradient (Tucker et al., 2019).
+
+    log_w: ... x K x B, computed at reparameterised samples z: ... x K x B x D with the variational
+    parameters detached inside log q, so that they are reached only through z. With the normalised
+    weights w~_k = w_k / sum_j w_j held constant, the surrogate is sum_k w~_k log w_k: the generative
+    parameters get sum_k w~_k d log w_k (IWAE's own gradient), and a hook scales the gradient through z_k
+    once more by w~_k, so the variational parameters get sum_k w~_k^2 (d log w_k / d z_k)(d z_k / d phi),
+    without IWAE's high-variance score term. Returns ... x B. Its value is not the bound: take the value
+    from `iwae_bound` and the gradient from here.
+    """
+    weights = torch.softmax(log_w.detach(), dim=-2)  # ... x K x B
+    if z.requires_grad:
+        z.register_hook(lambda grad: (grad * weights.unsqueeze(-1)).to(grad.dtype))
+    return (weights * log_w).sum(-2)
+
+
 # --- a model with everything in closed form ---------------------------------------------------------
 
 
