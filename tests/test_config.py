@@ -160,3 +160,12 @@ def test_good_values_at_the_edges_are_accepted():
     )
     assert cfg.train.lr == 1 and cfg.data.max_caption_tokens is None and cfg.train.device == "cuda:1"
     assert ModelConfig(image_channels=[8, 16]).image_channels == (8, 16)
+
+
+def test_the_coco_gpu_warm_up_ends_early_in_its_run():
+    """A KL warm-up longer than the run never trains the ELBO: coco_gpu's must end in its first quarter."""
+    from mvae_course.data.synthetic import COCO_TRAIN_IMAGES
+
+    train = preset("coco_gpu").train
+    steps = train.epochs * (COCO_TRAIN_IMAGES // train.batch_size)
+    assert train.kl_warmup_steps <= steps / 4, (train.kl_warmup_steps, steps)
