@@ -26,7 +26,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +46,6 @@ FILES = ("model.safetensors", "config.json", "tokenizer.json", "metrics.csv", "m
 CHECK = {"n": 64, "k": 4}  # metrics_check.json: a small evaluation a test can repeat in a second
 
 
-def _same(config: Config) -> Config:
-    return config
-
-
 @dataclass(frozen=True)
 class ReferenceRun:
     """One shipped run: its name, the lesson that discusses it, and how its config differs from the preset.
@@ -61,7 +57,7 @@ class ReferenceRun:
     name: str
     lesson: str
     about: str
-    changes: Callable[[Config], Config] = field(default=_same)
+    changes: Callable[[Config], Config]
 
     def config(self, smoke: bool = False) -> Config:
         """The config this run trains with (`smoke`: the same changes applied to the `tiny` preset)."""
@@ -73,17 +69,61 @@ class ReferenceRun:
         return REFERENCE / self.name
 
 
-def _model(**changes: Any) -> Callable[[Config], Config]:
-    return lambda config: config.replace(model=changes)
+def _change(model: dict[str, Any] | None = None, train: Callable[[Config], dict[str, Any]] | None = None,
+            ) -> Callable[[Config], Config]:
+    """A run's changes: model fields as given, training fields computed from the preset (e.g. a warm-up
+    that is a fraction of its budget, so the smoke version keeps the same shape)."""
+    return lambda config: config.replace(model=model or {}, train=train(config) if train else {})
 
+
+def _budget(steps: int, warmup_share: float) -> Callable[[Config], dict[str, Any]]:
+    """At most `steps` optimiser steps, the KL warm-up over the first `warmup_share` of them."""
+    def train(config: Config) -> dict[str, Any]:
+        n = min(steps, config.train.max_steps)
+        return {"max_steps": n, "kl_warmup_steps": int(n * warmup_share), "eval_every": n // 4,
+                "ckpt_every": n // 4}
+    return train
+
+
+def _warmup(share: float) -> Callable[[Config], dict[str, Any]]:
+    return lambda config: {"kl_warmup_steps": int(config.train.max_steps * share)}
+
+
+# Lesson 02's likelihood comparison: small networks (the tiny preset's) on the lesson's data, a short budget.
+_SMALL = {"fusion": "independent", "image_channels": [8, 16, 32], "z_dim": 16, "emb_dim": 32,
+          "enc_hidden": 32, "dec_hidden": 64}
+# Lesson 03's caption VAEs train the plain ELBO (text_weight 1): with the cpu preset's 10, the caption
+# likelihood outweighs the KL and no remedy is needed, which is not what the lesson is about.
+_CAPTION = {"fusion": "independent", "text_weight": 1.0}
 
 RUNS: tuple[ReferenceRun, ...] = (
-    ReferenceRun("independent", "04_fusion", "two separate VAEs: the baseline that cannot translate",
-                 _model(fusion="independent")),
+    *(ReferenceRun(f"likelihood-{name.replace('_', '-')}", "02_image_vae",
+                   f"an image VAE with the {name.replace('_', ' ')} likelihood (small networks, 1500 steps)",
+                   _change({**_SMALL, "image_likelihood": name}, _budget(1500, 0.2)))
+      for name in ("gaussian", "bernoulli", "continuous_bernoulli")),
+    ReferenceRun("caption-no-remedy", "03_text_vae", "a caption VAE on the plain ELBO, no KL warm-up",
+                 _change(_CAPTION, _warmup(0.0))),
+    ReferenceRun("caption-kl-warmup", "03_text_vae", "the same, the KL weight warmed up over half the run",
+                 _change(_CAPTION, _warmup(0.5))),
+    ReferenceRun("caption-kl-warmup-word-dropout", "03_text_vae",
+                 "the same, with KL warm-up and word dropout 0.5",
+                 _change({**_CAPTION, "word_dropout": 0.5}, _warmup(0.5))),
+    ReferenceRun("independent", "04_fusion",
+                 "two separate VAEs: the baseline that cannot translate (and lesson 02's image VAE)",
+                 _change({"fusion": "independent"})),
     ReferenceRun("poe", "04_fusion", "product of experts with the MVAE's sub-sampled objective",
-                 _model(fusion="poe")),
-    ReferenceRun("moe", "04_fusion", "mixture of experts (MMVAE), stratified", _model(fusion="moe")),
-    ReferenceRun("mopoe", "04_fusion", "mixture of products of experts (MoPoE)", _model(fusion="mopoe")),
+                 _change({"fusion": "poe"})),
+    ReferenceRun("moe", "04_fusion", "mixture of experts (MMVAE), stratified", _change({"fusion": "moe"})),
+    ReferenceRun("mopoe", "04_fusion", "mixture of products of experts (MoPoE)",
+                 _change({"fusion": "mopoe"})),
+    ReferenceRun("mmvaeplus", "05_failure_modes",
+                 "MMVAE+: a mixture over a shared z, a private latent per modality",
+                 _change({"fusion": "mmvaeplus"})),
+    *(ReferenceRun(f"mopoe-text-weight-{w:g}", "05_failure_modes", f"MoPoE with text_weight {w:g}",
+                   _change({"fusion": "mopoe", "text_weight": w})) for w in (1.0, 3.0, 30.0)),
+    *(ReferenceRun(f"beta-{b:g}", "05_failure_modes", f"two separate VAEs, the KL weighted by beta = {b:g}",
+                   _change({"fusion": "independent"}, lambda config, b=b: {"beta": b}))
+      for b in (0.25, 0.5, 2.0, 4.0)),
 )
 
 
