@@ -3,7 +3,7 @@
 Taught in notebooks/06_coco_training.ipynb.
 
     python benchmarks/train_throughput.py                          # coco-mini + synthetic COCO-sized, CPU
-    python benchmarks/train_throughput.py --extra channels_last    # one more lever on top of the course's
+    python benchmarks/train_throughput.py --extra compile          # one more lever on top of the course's
     python benchmarks/train_throughput.py gpu --device cuda        # coco_gpu at COCO size (gpu_check.sh)
     python benchmarks/train_throughput.py gpu --device cpu --smoke # the same code, tiny, on a CPU
 

@@ -6,14 +6,16 @@ The naive pipeline decodes every JPEG with PIL on every access (torchvision's `C
 Resize / CenterCrop / ToTensor and a `DataLoader`), tokenises with BERT's full 30522-entry vocabulary,
 pads every caption to 32 tokens and scores the decoder at every position: B x 32 x 30522 logits, with
 padding dropped afterwards by `cross_entropy(..., ignore_index=PAD)`. The course's pipeline trains the
-same networks on the same objective, and pulls four levers:
+same networks on the same objective, and pulls five levers:
 
     cache               images decoded once into uint8 tensors, batches by tensor indexing (`CacheLoader`)
     compact_vocab       only the wordpieces the captions use (`CaptionTokenizer`): V ~ 7k, not 30522
     dynamic_padding     pad to the longest caption of the batch, not to 32
     real_token_logits   the output layer runs at the N real tokens only (N x V, `TextDecoder.log_likelihood`)
+    bf16                bf16 autocast where the device computes bf16 natively (`device.autocast`, as `train`)
 
-and, measured on top (kept only where they pay): channels_last, compile (the convolutions), bf16.
+and, measured on top (not part of the course's training; benchmarks/README.md): compile (the convolutions).
+Every pipeline trains with the same fused AdamW as `train`.
 
 `Levers` names a set of them; `build_pipeline` builds one set-up; `measure_throughput` and `compare`
 time full training steps (forward, backward, AdamW step), alternating set-ups so that a change in the
@@ -29,7 +31,6 @@ import math
 import random
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +46,7 @@ from mvae_course.data.cache import CacheLoader, CaptionCache, ensure_cache
 from mvae_course.data.coco import annotation_path, read_captions
 from mvae_course.data.synthetic import COCO_TRAIN_CAPTIONS, COCO_TRAIN_IMAGES, COCO_WORDPIECES, synthetic_cache
 from mvae_course.data.text import BERT_VOCAB_SIZE, PAD, UNK, CaptionTokenizer, bert_tokenizer
+from mvae_course.device import autocast, has_fused_adamw
 from mvae_course.models.mvae import MultimodalVAE
 
 MAX_TOKENS = 32  # the naive pipeline pads (and truncates) every caption to this, EOS included
@@ -66,9 +68,8 @@ class Levers:
     compact_vocab: bool = False
     dynamic_padding: bool = False
     real_token_logits: bool = False
-    channels_last: bool = False
+    bf16: bool = False  # `device.autocast`: bf16 on CUDA and on CPUs with AVX512-BF16 or AMX, else fp32
     compile: bool = False
-    bf16: bool = False  # autocast to bfloat16 (CUDA; CPUs with AVX512-BF16/AMX)
 
     def __post_init__(self) -> None:
         if self.real_token_logits and not self.compact_vocab:
@@ -77,7 +78,7 @@ class Levers:
 
 
 NAIVE = Levers()
-COURSE = Levers(cache=True, compact_vocab=True, dynamic_padding=True, real_token_logits=True)
+COURSE = Levers(cache=True, compact_vocab=True, dynamic_padding=True, real_token_logits=True, bf16=True)
 LEVERS = tuple(f.name for f in dataclasses.fields(Levers))
 
 
@@ -86,10 +87,10 @@ def lever_ladder(extra: Iterable[str] = ()) -> list[tuple[str, Levers]]:
 
     Taught in notebooks/06_coco_training.ipynb
 
-    Returns [(name, levers)], e.g. ("naive", NAIVE), ("+ cache", ...), ..., ("+ channels_last", ...).
+    Returns [(name, levers)]: ("naive", NAIVE), ("+ cache", ...), ..., ("+ bf16", COURSE), then the extras.
     """
     ladder, levers = [("naive", NAIVE)], NAIVE
-    for name in ("cache", "compact_vocab", "dynamic_padding", "real_token_logits", *extra):
+    for name in ("cache", "compact_vocab", "dynamic_padding", "real_token_logits", "bf16", *extra):
         if name not in LEVERS:
             raise ValueError(f"unknown lever {name!r}; choose from {LEVERS}")
         levers = dataclasses.replace(levers, **{name: True})
@@ -110,7 +111,7 @@ def benchmark_model_config(vocab_size: int) -> ModelConfig:
 def full_logits_log_likelihood(decoder: nn.Module, z: Tensor, text: Tensor, bos_id: int) -> Tensor:
     """log p(caption | z) the naive way: logits at every position, padding masked by ignore_index.
 
-    decoder: a `TextDecoder` (its layers, not its packed forward); z: B x z_dim; text: B x T (content
+    decoder: a `TextDecoder` (its layers, not its `log_likelihood`); z: B x z_dim; text: B x T (content
     ids, EOS, PAD). The GRU runs over all T positions and the output layer makes B x T x V logits.
     Returns B, equal to `decoder.log_likelihood` (the GRU is causal, so padding never changes a real
     position's state) at a B x T x V / N times larger cost.
@@ -220,26 +221,26 @@ def _adapt(batch: dict[str, Tensor], levers: Levers, vocab: Tensor | None, devic
     elif text.shape[1] < MAX_TOKENS:
         text = F.pad(text, (0, MAX_TOKENS - text.shape[1]), value=PAD)
     image = batch["image"].to(device, non_blocking=True)
-    if levers.channels_last:
-        image = image.contiguous(memory_format=torch.channels_last)
     return {"image": image, "text": text.to(device), "lengths": lengths.to(device)}
 
 
 class Pipeline:
-    """A training set-up: endless batches, a model, AdamW with gradient clipping; `step()` trains once."""
+    """A training set-up: endless batches, a model, AdamW with gradient clipping; `step()` trains once.
+
+    `bf16`: the step runs under `device.autocast` (bf16 only where the device computes it natively).
+    """
 
     def __init__(self, name: str, batches: Iterator[dict[str, Tensor]], model: MultimodalVAE,
                  device: torch.device, bf16: bool = False, lr: float = 1e-3, grad_clip: float = 5.0) -> None:
         self.name, self.batches, self.model, self.device = name, batches, model, device
         self.bf16, self.grad_clip = bf16, grad_clip
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, fused=has_fused_adamw(device))
         self.last_loss = math.nan
 
     def step(self) -> int:
         """One full training step (next batch, forward, backward, AdamW); returns the samples it saw."""
         batch = next(self.batches)
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
-        with autocast:
+        with autocast(self.device, self.bf16):
             loss = self.model(batch, beta=1.0)["loss"]
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -277,9 +278,7 @@ def build_pipeline(levers: Levers, data: TrainData, batch_size: int = 64, device
         bos_id = tokenizer.wordpiece_ids[1].item() if not levers.compact_vocab else tokenizer.bos_id
         model = FullLogitsVAE(config, bos_id)
     model = model.to(device).train()
-    if levers.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if levers.compile:  # the convolutions; the packed GRUs are left to eager mode
+    if levers.compile:  # the convolutions; the GRUs are left to eager mode
         model.image_encoder.compile()
         model.image_decoder.compile()
     batches = (_adapt(b, levers, vocab, device) for b in _forever(loader))
@@ -348,7 +347,7 @@ def format_table(results: list[Comparison], baseline: str | None = None) -> str:
 
 def gpu_epoch_check(device: str | torch.device = "cuda", steps: int = 100, warmup: int = 10,
                     smoke: bool = False) -> dict[str, float]:
-    """Train the coco_gpu preset (bf16, cache resident on the device) on a COCO-sized synthetic cache.
+    """Train the coco_gpu preset (bf16 autocast, the cache on the device) on a COCO-sized synthetic cache.
 
     Taught in notebooks/06_coco_training.ipynb
 
@@ -366,8 +365,7 @@ def gpu_epoch_check(device: str | torch.device = "cuda", steps: int = 100, warmu
     loader = CacheLoader(cache, cfg.train.batch_size, drop_last=True, device=device)
     torch.manual_seed(cfg.train.seed)
     model = MultimodalVAE(dataclasses.replace(cfg.model, vocab_size=vocab_size)).to(device).train()
-    bf16 = cfg.train.amp and device.type == "cuda"  # as train.py: autocast on CUDA only
-    pipeline = Pipeline("coco_gpu", _forever(loader), model, device, bf16, lr=cfg.train.lr,
+    pipeline = Pipeline("coco_gpu", _forever(loader), model, device, cfg.train.amp, lr=cfg.train.lr,
                         grad_clip=cfg.train.grad_clip)
     rate = measure_throughput(pipeline, steps, warmup)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0

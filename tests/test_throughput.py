@@ -47,8 +47,8 @@ def _params(model):
     return [p.detach().clone() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("levers", [NAIVE, COURSE, dataclasses.replace(COURSE, channels_last=True)],
-                         ids=["naive", "course", "course+channels_last"])
+@pytest.mark.parametrize("levers", [NAIVE, COURSE, dataclasses.replace(COURSE, bf16=False)],
+                         ids=["naive", "course", "course-fp32"])
 def test_pipeline_takes_a_finite_step(data, levers):
     pipeline = build_pipeline(levers, data, batch_size=4, model_config=TINY)
     before = _params(pipeline.model)
@@ -103,10 +103,10 @@ def test_naive_and_course_text_losses_agree_when_the_vocabularies_map(data):
 
 
 def test_levers_ladder_and_validation():
-    ladder = lever_ladder(["channels_last"])
+    ladder = lever_ladder(["compile"])
     assert ladder[0] == ("naive", NAIVE)
-    assert ladder[4][1] == COURSE
-    assert ladder[-1] == ("+ channels_last", dataclasses.replace(COURSE, channels_last=True))
+    assert ladder[5] == ("+ bf16", COURSE)
+    assert ladder[-1] == ("+ compile", dataclasses.replace(COURSE, compile=True))
     with pytest.raises(ValueError, match="compact_vocab"):
         Levers(real_token_logits=True)
     with pytest.raises(ValueError, match="unknown lever"):
