@@ -60,18 +60,23 @@ def seeded(seed: int, device: torch.device | str = "cpu") -> Iterator[None]:
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of x86 CPUs with bf16 arithmetic
 
 
+def cpuinfo(path: str | Path = "/proc/cpuinfo") -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo ("model name", "flags", ...); {} where there is none."""
+    try:
+        lines = Path(path).read_text().split("\n\n")[0].splitlines()
+    except OSError:
+        return {}
+    return {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in lines)}
+
+
 @functools.cache
-def cpu_has_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX, read from `cpuinfo`'s flags).
+def cpu_has_bf16(path: str | Path = "/proc/cpuinfo") -> bool:
+    """Whether this CPU multiplies bf16 natively: AVX512-BF16 or AMX among the flags of `cpuinfo(path)`.
 
     Without them PyTorch emulates bf16 with conversions to and from fp32, so `autocast` leaves such CPUs in
     fp32. False where there is no /proc/cpuinfo (macOS, Windows).
     """
-    try:
-        lines = Path(cpuinfo).read_text().splitlines()
-    except OSError:
-        return False
-    flags = {flag for line in lines if line.startswith("flags") for flag in line.partition(":")[2].split()}
+    flags = set(cpuinfo(path).get("flags", "").split())
     return any(flag in flags for flag in BF16_CPU_FLAGS)
 
 

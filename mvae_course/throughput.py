@@ -28,6 +28,8 @@ import contextlib
 import dataclasses
 import io
 import math
+import os
+import platform
 import random
 import time
 from collections.abc import Iterable, Iterator
@@ -39,14 +41,20 @@ import torch.nn.functional as F
 import torchvision.transforms as T
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
 from torchvision.datasets import CocoCaptions
 
 from mvae_course.config import ModelConfig, preset
 from mvae_course.data.cache import CacheLoader, CaptionCache, ensure_cache
 from mvae_course.data.coco import annotation_path, read_captions
-from mvae_course.data.synthetic import COCO_TRAIN_CAPTIONS, COCO_TRAIN_IMAGES, COCO_WORDPIECES, synthetic_cache
+from mvae_course.data.synthetic import (
+    COCO_TRAIN_CAPTIONS,
+    COCO_TRAIN_IMAGES,
+    COCO_WORDPIECES,
+    synthetic_cache,
+)
 from mvae_course.data.text import BERT_VOCAB_SIZE, PAD, UNK, CaptionTokenizer, bert_tokenizer
-from mvae_course.device import autocast, has_fused_adamw
+from mvae_course.device import amp_dtype, autocast, cpu_has_bf16, cpuinfo, has_fused_adamw
 from mvae_course.models.mvae import MultimodalVAE
 
 MAX_TOKENS = 32  # the naive pipeline pads (and truncates) every caption to this, EOS included
@@ -290,6 +298,62 @@ def build_pipeline(levers: Levers, data: TrainData, batch_size: int = 64, device
 # ---------------------------------------------------------------------------------------------
 
 
+def machine_description() -> str:
+    """The machine a speed was measured on, in one line: CPU, cores, bf16 arithmetic, torch, load average."""
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "unknown"
+    return (f"{cpuinfo().get('model name', platform.processor() or 'unknown CPU')}, {os.cpu_count()} cores, "
+            f"bf16 arithmetic {'yes' if cpu_has_bf16() else 'no'}, torch {torch.__version__}, "
+            f"load average {load}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Closeness to the limit: FLOPs per sample against the machine's matrix-product peak
+# ---------------------------------------------------------------------------------------------
+
+
+def flops_per_sample(pipeline: Pipeline) -> float:
+    """FLOPs of one full training step (forward and backward) per sample, as `FlopCounterMode` counts them.
+
+    It counts the matrix products and convolutions (2 FLOPs per multiply-add), the GRUs' included; the
+    elementwise work, the softmax and the optimiser are not counted (they are memory-bound, not FLOP-bound).
+    """
+    with FlopCounterMode(display=False) as counter:
+        samples = pipeline.step()
+    return counter.get_total_flops() / samples
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 1024, seconds: float = 1.0, repeats: int = 3) -> float:
+    """GFLOP per CPU second of n x n matrix products in `dtype`: this machine's practical peak.
+
+    CPU seconds (`time.process_time`), not wall seconds: on a shared machine they leave out the time the
+    process waits for a core, and with several threads they count each thread's time (a per-core figure).
+    The best of `repeats` runs of `seconds` each.
+    """
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b  # the first call picks and builds the kernel
+    best = 0.0
+    for _ in range(repeats):
+        start, k = time.process_time(), 0
+        while time.process_time() - start < seconds:
+            a @ b
+            k += 1
+        best = max(best, 2 * n**3 * k / (time.process_time() - start) / 1e9)
+    return best
+
+
+def cpu_samples_per_s(pipelines: list[Pipeline], rounds: int = 10, warmup: int = 1) -> list[float]:
+    """Training samples per CPU second of each pipeline, timed one step at a time, in turn (A B C A B C)."""
+    for p in pipelines:
+        measure_throughput(p, 0, warmup)
+    samples, cpu = [0] * len(pipelines), [0.0] * len(pipelines)
+    for _ in range(rounds):
+        for i, p in enumerate(pipelines):
+            start = time.process_time()
+            samples[i] += p.step()
+            cpu[i] += time.process_time() - start
+    return [n / t for n, t in zip(samples, cpu)]
+
+
 def measure_throughput(pipeline: Pipeline, steps: int, warmup: int = 1) -> float:
     """Samples per second of `steps` full training steps, after `warmup` untimed ones."""
     for _ in range(warmup):
@@ -351,9 +415,9 @@ def gpu_epoch_check(device: str | torch.device = "cuda", steps: int = 100, warmu
 
     Taught in notebooks/06_coco_training.ipynb
 
-    Returns samples/s, peak device memory (GiB; 0 off CUDA) and the projected minutes for one epoch
-    of images (118k, what `CacheLoader` serves per epoch) and of all 591k caption pairs. `smoke`: the
-    tiny preset on 64 images, for checking the code on a CPU.
+    Returns samples/s, the precision, peak device memory (GiB; 0 off CUDA) and the projected minutes for
+    one epoch of images (118k, what `CacheLoader` serves per epoch) and of all 591k caption pairs. `smoke`:
+    the tiny preset on 64 images, for checking the code on a CPU.
     """
     device = torch.device(device)
     cfg = preset("tiny" if smoke else "coco_gpu")
@@ -371,6 +435,7 @@ def gpu_epoch_check(device: str | torch.device = "cuda", steps: int = 100, warmu
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
     return {
         "samples_per_s": rate, "batch_size": cfg.train.batch_size, "n_images": n_images,
+        "precision": str(amp_dtype(device, cfg.train.amp)).removeprefix("torch."),
         "peak_memory_gib": peak, "loss": pipeline.last_loss,
         "epoch_images_min": COCO_TRAIN_IMAGES / rate / 60,
         "epoch_captions_min": COCO_TRAIN_CAPTIONS / rate / 60,
