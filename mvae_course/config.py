@@ -158,7 +158,7 @@ def _tiny() -> Config:
         ),
         train=TrainConfig(
             batch_size=32, lr=2e-3, max_steps=60, warmup_steps=5, kl_warmup_steps=20,
-            eval_every=30, ckpt_every=30, log_every=10, amp=False,
+            eval_every=30, ckpt_every=30, log_every=10, amp=False, threads=1,
         ),
     )
 

@@ -366,12 +366,14 @@ def measure_throughput(pipeline: Pipeline, steps: int, warmup: int = 1) -> float
 
 @dataclass
 class Comparison:
-    """Samples/s of one pipeline over alternating rounds: overall (total samples / total time) and per round.
+    """Samples/s of one pipeline over alternating rounds: overall (total samples / total time) and per round;
+    `warmup_s`: the wall seconds of its untimed first steps (which include `torch.compile`'s compilation).
     """
 
     name: str
     samples_per_s: float
     rounds: list[float]
+    warmup_s: float
 
 
 def compare(pipelines: list[Pipeline], rounds: int = 3, steps: int = 2, warmup: int = 1) -> list[Comparison]:
@@ -381,26 +383,31 @@ def compare(pipelines: list[Pipeline], rounds: int = 3, steps: int = 2, warmup: 
 
     Alternating spreads a change in the machine's load over every pipeline instead of one.
     """
+    warmup_s = []
     for p in pipelines:
+        start = time.perf_counter()
         measure_throughput(p, 0, warmup)
+        warmup_s.append(time.perf_counter() - start)
     per_round: list[list[float]] = [[] for _ in pipelines]
     for _ in range(rounds):
         for rates, p in zip(per_round, pipelines):
             rates.append(measure_throughput(p, steps, warmup=0))
     # Equal samples per round, so the overall rate is the harmonic mean of the round rates.
-    return [Comparison(p.name, len(r) / sum(1 / x for x in r), r) for p, r in zip(pipelines, per_round)]
+    return [Comparison(p.name, len(r) / sum(1 / x for x in r), r, w)
+            for p, r, w in zip(pipelines, per_round, warmup_s)]
 
 
 def format_table(results: list[Comparison], baseline: str | None = None) -> str:
-    """A Markdown table: samples/s, the spread over rounds, and the speed-up over `baseline` (the first).
+    """A Markdown table: samples/s, the spread over rounds, the speed-up over `baseline` (the first) and the
+    wall seconds of the warm-up steps.
 
     Taught in notebooks/06_coco_training.ipynb
     """
     base = next(r for r in results if r.name == (baseline or results[0].name)).samples_per_s
-    lines = ["| pipeline | samples/s | rounds (min - max) | x naive |", "|---|---:|---:|---:|"]
+    lines = ["| pipeline | samples/s | rounds (min - max) | x naive | warm-up s |", "|---|---:|---:|---:|---:|"]
     for r in results:
         lines.append(f"| {r.name} | {r.samples_per_s:.1f} | {min(r.rounds):.1f} - {max(r.rounds):.1f} "
-                     f"| {r.samples_per_s / base:.2f} |")
+                     f"| {r.samples_per_s / base:.2f} | {r.warmup_s:.1f} |")
     return "\n".join(lines)
 
 
