@@ -2,10 +2,11 @@
 
 Taught in notebooks/07_evaluation.ipynb.
 
-    python benchmarks/quality.py                         # the five fusions, cpu preset, 2 threads
+    python benchmarks/quality.py                         # the five fusions, cpu preset (1 thread)
     python benchmarks/quality.py --out /tmp/quality --threads 2 --fusions mopoe
     python benchmarks/quality.py --train-only --fusions poe --threads 1   # one fusion per process, then
     python benchmarks/quality.py                                          # evaluate and tabulate all
+    python benchmarks/quality.py --fusions mopoe --amp off --out runs/quality-fp32   # bf16 autocast off
 
 The same runs as `python -m mvae_course compare --data shapes --level 4 --fusions independent poe moe
 mopoe mmvaeplus --preset cpu`, with the cost of each training run measured: wall seconds, process CPU seconds,
@@ -24,8 +25,9 @@ from pathlib import Path
 
 import torch
 
-from mvae_course.compare import comparison_config, compare, to_markdown
-from mvae_course.config import FUSIONS
+from mvae_course.compare import compare, comparison_config, to_markdown
+from mvae_course.config import FUSIONS, preset
+from mvae_course.device import amp_dtype
 from mvae_course.train import train
 
 TARGETS = {"coherence image->text": 0.8, "coherence text->image": 0.7}  # strict, for the best fusion
@@ -45,6 +47,7 @@ def train_timed(fusion: str, args: argparse.Namespace) -> dict[str, float | int 
     A run already finished is not timed again: its `cost.json` is read back.
     """
     cfg = comparison_config("shapes", args.level, fusion, args.preset, args.max_steps, args.seed)
+    cfg = cfg.replace(train={"amp": args.amp == "on", **({"threads": args.threads} if args.threads else {})})
     run_dir = args.out / fusion
     if (run_dir / "cost.json").is_file():
         return json.loads((run_dir / "cost.json").read_text())
@@ -54,7 +57,8 @@ def train_timed(fusion: str, args: argparse.Namespace) -> dict[str, float | int 
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     cost = {
         "fusion": fusion, "steps": result.step, "batch": cfg.train.batch_size,
-        "image px": cfg.data.image_size, "threads": torch.get_num_threads(),
+        "image px": cfg.data.image_size, "threads": cfg.train.threads or torch.get_num_threads(),
+        "precision": str(amp_dtype(torch.device("cpu"), cfg.train.amp)).removeprefix("torch."),
         "wall s": wall, "CPU s": cpu, "CPU s/step": cpu / max(result.step, 1),
         "samples/s (logged)": mean_samples_per_s(run_dir / "metrics.csv"),
     }
@@ -71,14 +75,19 @@ def main() -> None:
     parser.add_argument("--fusions", nargs="+", default=list(FUSIONS), choices=list(FUSIONS))
     parser.add_argument("--max-steps", type=int, help="training steps per fusion (default: the preset's)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
+    parser.add_argument("--amp", choices=["on", "off"], default="on",
+                        help="bf16 autocast where the CPU has bf16 arithmetic (train.amp; default on)")
+    parser.add_argument("--threads", type=int,
+                        help="torch CPU threads for training and evaluation (default: the preset's train.threads)")
     parser.add_argument("--train-only", action="store_true",
                         help="train and time, no evaluation: train fusions in parallel processes, then run "
                              "again without it (finished runs are reused)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
 
-    torch.set_num_threads(args.threads)
+    threads = args.threads or preset(args.preset).train.threads
+    if threads:
+        torch.set_num_threads(threads)  # for evaluation; training runs with the config's train.threads
     # Timed training first (a finished run is reused with its recorded cost), then compare evaluates.
     costs = [train_timed(fusion, args) for fusion in args.fusions]
     if args.train_only:

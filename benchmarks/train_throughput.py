@@ -3,13 +3,19 @@
 Taught in notebooks/06_coco_training.ipynb.
 
     python benchmarks/train_throughput.py                          # coco-mini + synthetic COCO-sized, CPU
-    python benchmarks/train_throughput.py --extra channels_last    # one more lever on top of the course's
+    python benchmarks/train_throughput.py --extra compile          # one more lever on top of the course's
     python benchmarks/train_throughput.py gpu --device cuda        # coco_gpu at COCO size (gpu_check.sh)
     python benchmarks/train_throughput.py gpu --device cpu --smoke # the same code, tiny, on a CPU
+    python benchmarks/train_throughput.py flops --threads 1        # FLOPs per sample vs the matmul peak
 
 `compare` (the default) times every rung of the lever ladder (naive, + cache, + compact_vocab,
-+ dynamic_padding, + real_token_logits, then any --extra) in alternating rounds on each data set and
++ dynamic_padding, + real_token_logits, + bf16, then any --extra) in alternating rounds on each data set and
 prints a Markdown table per data set.
+
+`flops` counts the FLOPs of a training step (`FlopCounterMode`) of the naive and course pipelines on the
+synthetic COCO-sized set and of the `cpu` preset on shapes (what the lessons train), times them in turn in
+CPU seconds, measures this machine's fp32 and bf16 matrix-product peak in the same run, and prints the
+achieved GFLOP per CPU second as a fraction of the peak of the pipeline's precision.
 """
 
 from __future__ import annotations
@@ -24,7 +30,10 @@ from pathlib import Path
 import torch
 
 from mvae_course.config import preset
-from mvae_course.notebook import coco_mini_path
+from mvae_course.data.prepare import data_root, prepare_data
+from mvae_course.data.synthetic import make_synthetic_coco
+from mvae_course.device import amp_dtype
+from mvae_course.notebook import coco_mini_path, markdown_table
 from mvae_course.throughput import (
     COURSE,
     LEVERS,
@@ -32,12 +41,15 @@ from mvae_course.throughput import (
     Levers,
     build_pipeline,
     compare,
+    cpu_samples_per_s,
+    flops_per_sample,
     format_table,
     gpu_epoch_check,
     lever_ladder,
     load_train_data,
+    machine_description,
+    matmul_peak,
 )
-from mvae_course.data.synthetic import make_synthetic_coco
 
 DEFAULT_ROOT = coco_mini_path()
 
@@ -53,7 +65,7 @@ def run_ladder(data, ladder: list[tuple[str, Levers]], args: argparse.Namespace,
 
 def cmd_compare(args: argparse.Namespace) -> None:
     ladder = lever_ladder(args.extra)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
+    print(f"{machine_description()}\n{torch.get_num_threads()} thread(s), device {args.device}, "
           f"batch {args.batch_size}, {args.rounds} rounds x {args.steps} steps (+{args.warmup} warm-up)")
     with tempfile.TemporaryDirectory() as tmp:
         sets = []
@@ -76,6 +88,41 @@ def cmd_compare(args: argparse.Namespace) -> None:
             print(run_ladder(data, ladder, args), flush=True)
 
 
+def cmd_flops(args: argparse.Namespace) -> None:
+    print(f"{machine_description()}\n{torch.get_num_threads()} thread(s), batch {args.batch_size}, "
+          f"{args.rounds} rounds of one step per pipeline, in turn")
+    cpu = preset("cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        coco = load_train_data(make_synthetic_coco(Path(tmp) / "synthetic-coco", n_images=args.synthetic_images),
+                               args.split, Path(tmp) / "cache")
+        prepare_data(cpu, Path(tmp) / "data")  # the shapes set the lessons train on, in COCO's layout
+        shapes = load_train_data(data_root(cpu, Path(tmp) / "data"), cpu.data.train_split, Path(tmp) / "cache",
+                                 cpu.data.image_size)
+        setups = [("naive (COCO-sized)", NAIVE, coco, None), ("course (COCO-sized)", COURSE, coco, None),
+                  ("course fp32 (COCO-sized)", dataclasses.replace(COURSE, bf16=False), coco, None),
+                  ("cpu preset mopoe (shapes)", COURSE, shapes, dataclasses.replace(cpu.model, fusion="mopoe")),
+                  ("cpu preset mopoe fp32 (shapes)", dataclasses.replace(COURSE, bf16=False), shapes,
+                   dataclasses.replace(cpu.model, fusion="mopoe"))]
+        pipelines = [build_pipeline(levers, data, args.batch_size, "cpu", model, name=name)
+                     for name, levers, data, model in setups]
+        flops = [flops_per_sample(p) for p in pipelines]
+        peaks = {dtype: matmul_peak(dtype) for dtype in (torch.float32, torch.bfloat16)}
+        rates = cpu_samples_per_s(pipelines, rounds=args.rounds)
+        peaks_after = {dtype: matmul_peak(dtype) for dtype in peaks}
+    rows = []
+    for p, f, rate in zip(pipelines, flops, rates):
+        dtype = amp_dtype(p.device, p.bf16)
+        achieved = f * rate / 1e9
+        peak = max(peaks[dtype], peaks_after[dtype])
+        rows.append({"pipeline": p.name, "GFLOP / sample": f / 1e9, "samples / CPU s": rate,
+                     "GFLOP / CPU s": achieved, "precision": str(dtype).removeprefix("torch."),
+                     "peak GFLOP / CPU s": peak, "of the peak": f"{100 * achieved / peak:.0f}%"})
+    print("\nmatmul peak (1024 x 1024, best of 3 s, before / after the pipelines): "
+          + ", ".join(f"{str(d).removeprefix('torch.')} {peaks[d]:.0f} / {peaks_after[d]:.0f} GFLOP per CPU s"
+                      for d in peaks))
+    print(f"\n{markdown_table(rows)}\n\n{machine_description()} (at the end)")
+
+
 def cmd_gpu(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     steps = 2 if args.smoke else args.steps
@@ -83,7 +130,7 @@ def cmd_gpu(args: argparse.Namespace) -> None:
                             warmup=1 if args.smoke else 10, smoke=args.smoke)
     print(json.dumps(check))
     print(f"coco_gpu preset, {check['n_images']} synthetic images resident on {device}, "
-          f"batch {check['batch_size']}, bf16 on CUDA: {check['samples_per_s']:.0f} samples/s, "
+          f"batch {check['batch_size']}, {check['precision']}: {check['samples_per_s']:.0f} samples/s, "
           f"peak GPU memory {check['peak_memory_gib']:.2f} GiB; "
           f"projected epoch: {check['epoch_images_min']:.1f} min (118k images, one caption each), "
           f"{check['epoch_captions_min']:.1f} min (all 591k caption pairs)")
@@ -93,8 +140,8 @@ def cmd_gpu(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = make_synthetic_coco(Path(tmp) / "synthetic-coco", n_images=n_images, size=size)
         data = load_train_data(root, args.split, Path(tmp) / "cache", image_size)
-        bf16 = device.type == "cuda"
-        ladder = [("naive", NAIVE), ("course" + " (bf16)" * bf16, dataclasses.replace(COURSE, bf16=bf16))]
+        bf16 = amp_dtype(device, COURSE.bf16) == torch.bfloat16
+        ladder = [("naive", NAIVE), ("course" + " (bf16)" * bf16, COURSE)]
         small = argparse.Namespace(**{**vars(args), "batch_size": 8 if args.smoke else args.batch_size,
                                       "rounds": 1 if args.smoke else args.rounds, "steps": steps,
                                       "warmup": 1 if args.smoke else args.warmup})
@@ -105,7 +152,7 @@ def cmd_gpu(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", nargs="?", default="compare", choices=["compare", "gpu"])
+    parser.add_argument("command", nargs="?", default="compare", choices=["compare", "flops", "gpu"])
     parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="a COCO folder (default: coco-mini)")
     parser.add_argument("--split", default="train2017")
     parser.add_argument("--datasets", nargs="+", default=["coco-mini", "synthetic"],
@@ -113,7 +160,7 @@ def main() -> None:
     parser.add_argument("--synthetic-images", type=int, default=2000, help="JPEGs in the synthetic set")
     parser.add_argument("--extra", nargs="*", default=[], choices=LEVERS, help="levers to add on top")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (flops: of one step per pipeline)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per pipeline per round")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per pipeline first")
     parser.add_argument("--device", default="cpu")
@@ -124,7 +171,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    cmd_gpu(args) if args.command == "gpu" else cmd_compare(args)
+    commands = {"compare": cmd_compare, "flops": cmd_flops, "gpu": cmd_gpu}
+    commands[args.command](args)
 
 
 if __name__ == "__main__":

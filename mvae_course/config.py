@@ -228,7 +228,10 @@ class TrainConfig:
     grad_clip: float = 5.0
     seed: int = 0
     device: str = "auto"  # auto: CUDA, then MPS, then CPU
-    amp: bool = True  # bf16 autocast where the device supports it (CUDA)
+    # bf16 autocast where the device computes bf16 natively: CUDA, and CPUs with AVX512-BF16 or AMX
+    # (device.cpu_has_bf16); elsewhere, or False, fp32. Losses and KL terms are always reduced in fp32.
+    amp: bool = True
+    threads: int = 0  # torch CPU threads while training; 0 leaves torch's setting (one per core)
     cache_on_device: bool = True  # keep the whole preprocessing cache on the GPU
     eval_every: int = 500
     ckpt_every: int = 500
@@ -347,7 +350,7 @@ def _tiny() -> Config:
         ),
         train=TrainConfig(
             batch_size=32, lr=2e-3, max_steps=60, warmup_steps=5, kl_warmup_steps=20,
-            eval_every=30, ckpt_every=30, log_every=10, amp=False,
+            eval_every=30, ckpt_every=30, log_every=10, amp=False, threads=1,
         ),
     )
 
@@ -365,7 +368,8 @@ def _cpu() -> Config:
             image_size=32, image_channels=(16, 32, 64), z_dim=32, emb_dim=64, enc_hidden=128, dec_hidden=128,
             text_weight=10.0,
         ),
-        train=TrainConfig(batch_size=64, lr=2e-3, max_steps=4000, kl_warmup_steps=800),
+        # One thread: the small steps gain little from a second, and lose 20x when other jobs share the cores.
+        train=TrainConfig(batch_size=64, lr=2e-3, max_steps=4000, kl_warmup_steps=800, threads=1),
     )
 
 

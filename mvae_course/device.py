@@ -2,13 +2,16 @@
 
 Every command and lesson picks its device with `pick_device`, seeds with `set_seed`, and draws the noise
 that must not disturb training's own random streams (validation, evaluation, figures) under `seeded`.
+Training and validation run under `autocast`: bf16 matrix products where the hardware has them.
 """
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from typing import ContextManager
 
 import numpy as np
@@ -54,8 +57,58 @@ def seeded(seed: int, device: torch.device | str = "cpu") -> Iterator[None]:
         yield
 
 
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of x86 CPUs with bf16 arithmetic
+
+
+def cpuinfo(path: str | Path = "/proc/cpuinfo") -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo ("model name", "flags", ...); {} where there is none."""
+    try:
+        lines = Path(path).read_text().split("\n\n")[0].splitlines()
+    except OSError:
+        return {}
+    return {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in lines)}
+
+
+@functools.cache
+def cpu_has_bf16(path: str | Path = "/proc/cpuinfo") -> bool:
+    """Whether this CPU multiplies bf16 natively: AVX512-BF16 or AMX among the flags of `cpuinfo(path)`.
+
+    Without them PyTorch emulates bf16 with conversions to and from fp32, so `autocast` leaves such CPUs in
+    fp32. False where there is no /proc/cpuinfo (macOS, Windows).
+    """
+    flags = set(cpuinfo(path).get("flags", "").split())
+    return any(flag in flags for flag in BF16_CPU_FLAGS)
+
+
+def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype:
+    """The dtype `autocast(device, enabled)` computes matrix products in: bf16 on CUDA and on CPUs with
+    bf16 arithmetic (`cpu_has_bf16`), else fp32."""
+    if enabled and (device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16())):
+        return torch.bfloat16
+    return torch.float32
+
+
+def has_fused_adamw(device: torch.device) -> bool:
+    """Whether `torch.optim.AdamW(..., fused=True)` runs on this device: one kernel for every parameter."""
+    return device.type in ("cpu", "cuda")
+
+
+def full_precision(x: torch.Tensor) -> torch.Tensor:
+    """`x` in fp32 when autocast left it in bf16 (or fp16); fp32 and fp64 stay as they are.
+
+    What a network hands back is summed over pixels, tokens or latent dimensions next, so it leaves in
+    full precision; a float64 model (the maths tests) keeps its float64.
+    """
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
 def autocast(device: torch.device, enabled: bool) -> ContextManager:
-    """bf16 autocast on CUDA when `enabled` (no loss scaling needed, unlike fp16); fp32 elsewhere."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    """bf16 autocast when `enabled` and the device computes bf16 natively (`amp_dtype`); fp32 otherwise.
+
+    bf16 keeps fp32's exponent range, so no loss scaling is needed (unlike fp16). Autocast runs the matrix
+    products (linear layers, convolutions, GRUs) in bf16; the networks hand back fp32 (their last line casts),
+    so the ELBO's sums, KL terms and logsumexps are reduced in fp32.
+    """
+    if amp_dtype(device, enabled) == torch.bfloat16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()

@@ -6,14 +6,16 @@ The naive pipeline decodes every JPEG with PIL on every access (torchvision's `C
 Resize / CenterCrop / ToTensor and a `DataLoader`), tokenises with BERT's full 30522-entry vocabulary,
 pads every caption to 32 tokens and scores the decoder at every position: B x 32 x 30522 logits, with
 padding dropped afterwards by `cross_entropy(..., ignore_index=PAD)`. The course's pipeline trains the
-same networks on the same objective, and pulls four levers:
+same networks on the same objective, and pulls five levers:
 
     cache               images decoded once into uint8 tensors, batches by tensor indexing (`CacheLoader`)
     compact_vocab       only the wordpieces the captions use (`CaptionTokenizer`): V ~ 7k, not 30522
     dynamic_padding     pad to the longest caption of the batch, not to 32
     real_token_logits   the output layer runs at the N real tokens only (N x V, `TextDecoder.log_likelihood`)
+    bf16                bf16 autocast where the device computes bf16 natively (`device.autocast`, as `train`)
 
-and, measured on top (kept only where they pay): channels_last, compile (the convolutions), bf16.
+and, measured on top (not part of the course's training; benchmarks/README.md): compile (the convolutions).
+Every pipeline trains with the same fused AdamW as `train`.
 
 `Levers` names a set of them; `build_pipeline` builds one set-up; `measure_throughput` and `compare`
 time full training steps (forward, backward, AdamW step), alternating set-ups so that a change in the
@@ -26,10 +28,11 @@ import contextlib
 import dataclasses
 import io
 import math
+import os
+import platform
 import random
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,13 +41,20 @@ import torch.nn.functional as F
 import torchvision.transforms as T
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
 from torchvision.datasets import CocoCaptions
 
 from mvae_course.config import ModelConfig, preset
 from mvae_course.data.cache import CacheLoader, CaptionCache, ensure_cache
 from mvae_course.data.coco import annotation_path, read_captions
-from mvae_course.data.synthetic import COCO_TRAIN_CAPTIONS, COCO_TRAIN_IMAGES, COCO_WORDPIECES, synthetic_cache
+from mvae_course.data.synthetic import (
+    COCO_TRAIN_CAPTIONS,
+    COCO_TRAIN_IMAGES,
+    COCO_WORDPIECES,
+    synthetic_cache,
+)
 from mvae_course.data.text import BERT_VOCAB_SIZE, PAD, UNK, CaptionTokenizer, bert_tokenizer
+from mvae_course.device import amp_dtype, autocast, cpu_has_bf16, cpuinfo, has_fused_adamw
 from mvae_course.models.mvae import MultimodalVAE
 
 MAX_TOKENS = 32  # the naive pipeline pads (and truncates) every caption to this, EOS included
@@ -66,9 +76,8 @@ class Levers:
     compact_vocab: bool = False
     dynamic_padding: bool = False
     real_token_logits: bool = False
-    channels_last: bool = False
+    bf16: bool = False  # `device.autocast`: bf16 on CUDA and on CPUs with AVX512-BF16 or AMX, else fp32
     compile: bool = False
-    bf16: bool = False  # autocast to bfloat16 (CUDA; CPUs with AVX512-BF16/AMX)
 
     def __post_init__(self) -> None:
         if self.real_token_logits and not self.compact_vocab:
@@ -77,7 +86,7 @@ class Levers:
 
 
 NAIVE = Levers()
-COURSE = Levers(cache=True, compact_vocab=True, dynamic_padding=True, real_token_logits=True)
+COURSE = Levers(cache=True, compact_vocab=True, dynamic_padding=True, real_token_logits=True, bf16=True)
 LEVERS = tuple(f.name for f in dataclasses.fields(Levers))
 
 
@@ -86,10 +95,10 @@ def lever_ladder(extra: Iterable[str] = ()) -> list[tuple[str, Levers]]:
 
     Taught in notebooks/06_coco_training.ipynb
 
-    Returns [(name, levers)], e.g. ("naive", NAIVE), ("+ cache", ...), ..., ("+ channels_last", ...).
+    Returns [(name, levers)]: ("naive", NAIVE), ("+ cache", ...), ..., ("+ bf16", COURSE), then the extras.
     """
     ladder, levers = [("naive", NAIVE)], NAIVE
-    for name in ("cache", "compact_vocab", "dynamic_padding", "real_token_logits", *extra):
+    for name in ("cache", "compact_vocab", "dynamic_padding", "real_token_logits", "bf16", *extra):
         if name not in LEVERS:
             raise ValueError(f"unknown lever {name!r}; choose from {LEVERS}")
         levers = dataclasses.replace(levers, **{name: True})
@@ -110,7 +119,7 @@ def benchmark_model_config(vocab_size: int) -> ModelConfig:
 def full_logits_log_likelihood(decoder: nn.Module, z: Tensor, text: Tensor, bos_id: int) -> Tensor:
     """log p(caption | z) the naive way: logits at every position, padding masked by ignore_index.
 
-    decoder: a `TextDecoder` (its layers, not its packed forward); z: B x z_dim; text: B x T (content
+    decoder: a `TextDecoder` (its layers, not its `log_likelihood`); z: B x z_dim; text: B x T (content
     ids, EOS, PAD). The GRU runs over all T positions and the output layer makes B x T x V logits.
     Returns B, equal to `decoder.log_likelihood` (the GRU is causal, so padding never changes a real
     position's state) at a B x T x V / N times larger cost.
@@ -220,26 +229,26 @@ def _adapt(batch: dict[str, Tensor], levers: Levers, vocab: Tensor | None, devic
     elif text.shape[1] < MAX_TOKENS:
         text = F.pad(text, (0, MAX_TOKENS - text.shape[1]), value=PAD)
     image = batch["image"].to(device, non_blocking=True)
-    if levers.channels_last:
-        image = image.contiguous(memory_format=torch.channels_last)
     return {"image": image, "text": text.to(device), "lengths": lengths.to(device)}
 
 
 class Pipeline:
-    """A training set-up: endless batches, a model, AdamW with gradient clipping; `step()` trains once."""
+    """A training set-up: endless batches, a model, AdamW with gradient clipping; `step()` trains once.
+
+    `bf16`: the step runs under `device.autocast` (bf16 only where the device computes it natively).
+    """
 
     def __init__(self, name: str, batches: Iterator[dict[str, Tensor]], model: MultimodalVAE,
                  device: torch.device, bf16: bool = False, lr: float = 1e-3, grad_clip: float = 5.0) -> None:
         self.name, self.batches, self.model, self.device = name, batches, model, device
         self.bf16, self.grad_clip = bf16, grad_clip
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, fused=has_fused_adamw(device))
         self.last_loss = math.nan
 
     def step(self) -> int:
         """One full training step (next batch, forward, backward, AdamW); returns the samples it saw."""
         batch = next(self.batches)
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
-        with autocast:
+        with autocast(self.device, self.bf16):
             loss = self.model(batch, beta=1.0)["loss"]
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -277,9 +286,7 @@ def build_pipeline(levers: Levers, data: TrainData, batch_size: int = 64, device
         bos_id = tokenizer.wordpiece_ids[1].item() if not levers.compact_vocab else tokenizer.bos_id
         model = FullLogitsVAE(config, bos_id)
     model = model.to(device).train()
-    if levers.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if levers.compile:  # the convolutions; the packed GRUs are left to eager mode
+    if levers.compile:  # the convolutions; the GRUs are left to eager mode
         model.image_encoder.compile()
         model.image_decoder.compile()
     batches = (_adapt(b, levers, vocab, device) for b in _forever(loader))
@@ -289,6 +296,62 @@ def build_pipeline(levers: Levers, data: TrainData, batch_size: int = 64, device
 # ---------------------------------------------------------------------------------------------
 # Measuring
 # ---------------------------------------------------------------------------------------------
+
+
+def machine_description() -> str:
+    """The machine a speed was measured on, in one line: CPU, cores, bf16 arithmetic, torch, load average."""
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "unknown"
+    return (f"{cpuinfo().get('model name', platform.processor() or 'unknown CPU')}, {os.cpu_count()} cores, "
+            f"bf16 arithmetic {'yes' if cpu_has_bf16() else 'no'}, torch {torch.__version__}, "
+            f"load average {load}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Closeness to the limit: FLOPs per sample against the machine's matrix-product peak
+# ---------------------------------------------------------------------------------------------
+
+
+def flops_per_sample(pipeline: Pipeline) -> float:
+    """FLOPs of one full training step (forward and backward) per sample, as `FlopCounterMode` counts them.
+
+    It counts the matrix products and convolutions (2 FLOPs per multiply-add), the GRUs' included; the
+    elementwise work, the softmax and the optimiser are not counted (they are memory-bound, not FLOP-bound).
+    """
+    with FlopCounterMode(display=False) as counter:
+        samples = pipeline.step()
+    return counter.get_total_flops() / samples
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 1024, seconds: float = 1.0, repeats: int = 3) -> float:
+    """GFLOP per CPU second of n x n matrix products in `dtype`: this machine's practical peak.
+
+    CPU seconds (`time.process_time`), not wall seconds: on a shared machine they leave out the time the
+    process waits for a core, and with several threads they count each thread's time (a per-core figure).
+    The best of `repeats` runs of `seconds` each.
+    """
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b  # the first call picks and builds the kernel
+    best = 0.0
+    for _ in range(repeats):
+        start, k = time.process_time(), 0
+        while time.process_time() - start < seconds:
+            a @ b
+            k += 1
+        best = max(best, 2 * n**3 * k / (time.process_time() - start) / 1e9)
+    return best
+
+
+def cpu_samples_per_s(pipelines: list[Pipeline], rounds: int = 10, warmup: int = 1) -> list[float]:
+    """Training samples per CPU second of each pipeline, timed one step at a time, in turn (A B C A B C)."""
+    for p in pipelines:
+        measure_throughput(p, 0, warmup)
+    samples, cpu = [0] * len(pipelines), [0.0] * len(pipelines)
+    for _ in range(rounds):
+        for i, p in enumerate(pipelines):
+            start = time.process_time()
+            samples[i] += p.step()
+            cpu[i] += time.process_time() - start
+    return [n / t for n, t in zip(samples, cpu)]
 
 
 def measure_throughput(pipeline: Pipeline, steps: int, warmup: int = 1) -> float:
@@ -303,12 +366,14 @@ def measure_throughput(pipeline: Pipeline, steps: int, warmup: int = 1) -> float
 
 @dataclass
 class Comparison:
-    """Samples/s of one pipeline over alternating rounds: overall (total samples / total time) and per round.
+    """Samples/s of one pipeline over alternating rounds: overall (total samples / total time) and per round;
+    `warmup_s`: the wall seconds of its untimed first steps (which include `torch.compile`'s compilation).
     """
 
     name: str
     samples_per_s: float
     rounds: list[float]
+    warmup_s: float
 
 
 def compare(pipelines: list[Pipeline], rounds: int = 3, steps: int = 2, warmup: int = 1) -> list[Comparison]:
@@ -318,26 +383,31 @@ def compare(pipelines: list[Pipeline], rounds: int = 3, steps: int = 2, warmup: 
 
     Alternating spreads a change in the machine's load over every pipeline instead of one.
     """
+    warmup_s = []
     for p in pipelines:
+        start = time.perf_counter()
         measure_throughput(p, 0, warmup)
+        warmup_s.append(time.perf_counter() - start)
     per_round: list[list[float]] = [[] for _ in pipelines]
     for _ in range(rounds):
         for rates, p in zip(per_round, pipelines):
             rates.append(measure_throughput(p, steps, warmup=0))
     # Equal samples per round, so the overall rate is the harmonic mean of the round rates.
-    return [Comparison(p.name, len(r) / sum(1 / x for x in r), r) for p, r in zip(pipelines, per_round)]
+    return [Comparison(p.name, len(r) / sum(1 / x for x in r), r, w)
+            for p, r, w in zip(pipelines, per_round, warmup_s)]
 
 
 def format_table(results: list[Comparison], baseline: str | None = None) -> str:
-    """A Markdown table: samples/s, the spread over rounds, and the speed-up over `baseline` (the first).
+    """A Markdown table: samples/s, the spread over rounds, the speed-up over `baseline` (the first) and the
+    wall seconds of the warm-up steps.
 
     Taught in notebooks/06_coco_training.ipynb
     """
     base = next(r for r in results if r.name == (baseline or results[0].name)).samples_per_s
-    lines = ["| pipeline | samples/s | rounds (min - max) | x naive |", "|---|---:|---:|---:|"]
+    lines = ["| pipeline | samples/s | rounds (min - max) | x naive | warm-up s |", "|---|---:|---:|---:|---:|"]
     for r in results:
         lines.append(f"| {r.name} | {r.samples_per_s:.1f} | {min(r.rounds):.1f} - {max(r.rounds):.1f} "
-                     f"| {r.samples_per_s / base:.2f} |")
+                     f"| {r.samples_per_s / base:.2f} | {r.warmup_s:.1f} |")
     return "\n".join(lines)
 
 
@@ -348,13 +418,13 @@ def format_table(results: list[Comparison], baseline: str | None = None) -> str:
 
 def gpu_epoch_check(device: str | torch.device = "cuda", steps: int = 100, warmup: int = 10,
                     smoke: bool = False) -> dict[str, float]:
-    """Train the coco_gpu preset (bf16, cache resident on the device) on a COCO-sized synthetic cache.
+    """Train the coco_gpu preset (bf16 autocast, the cache on the device) on a COCO-sized synthetic cache.
 
     Taught in notebooks/06_coco_training.ipynb
 
-    Returns samples/s, peak device memory (GiB; 0 off CUDA) and the projected minutes for one epoch
-    of images (118k, what `CacheLoader` serves per epoch) and of all 591k caption pairs. `smoke`: the
-    tiny preset on 64 images, for checking the code on a CPU.
+    Returns samples/s, the precision, peak device memory (GiB; 0 off CUDA) and the projected minutes for
+    one epoch of images (118k, what `CacheLoader` serves per epoch) and of all 591k caption pairs. `smoke`:
+    the tiny preset on 64 images, for checking the code on a CPU.
     """
     device = torch.device(device)
     cfg = preset("tiny" if smoke else "coco_gpu")
@@ -366,13 +436,13 @@ def gpu_epoch_check(device: str | torch.device = "cuda", steps: int = 100, warmu
     loader = CacheLoader(cache, cfg.train.batch_size, drop_last=True, device=device)
     torch.manual_seed(cfg.train.seed)
     model = MultimodalVAE(dataclasses.replace(cfg.model, vocab_size=vocab_size)).to(device).train()
-    bf16 = cfg.train.amp and device.type == "cuda"  # as train.py: autocast on CUDA only
-    pipeline = Pipeline("coco_gpu", _forever(loader), model, device, bf16, lr=cfg.train.lr,
+    pipeline = Pipeline("coco_gpu", _forever(loader), model, device, cfg.train.amp, lr=cfg.train.lr,
                         grad_clip=cfg.train.grad_clip)
     rate = measure_throughput(pipeline, steps, warmup)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
     return {
         "samples_per_s": rate, "batch_size": cfg.train.batch_size, "n_images": n_images,
+        "precision": str(amp_dtype(device, cfg.train.amp)).removeprefix("torch."),
         "peak_memory_gib": peak, "loss": pipeline.last_loss,
         "epoch_images_min": COCO_TRAIN_IMAGES / rate / 60,
         "epoch_captions_min": COCO_TRAIN_CAPTIONS / rate / 60,

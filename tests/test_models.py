@@ -114,6 +114,22 @@ def test_hidden_states_are_taken_at_real_positions_with_eos_last():
     assert not (targets == PAD).any()
 
 
+def test_decoder_states_do_not_see_what_follows_a_caption():
+    """The decoder's GRU runs over the padded batch: being causal, what follows a caption's EOS (padding,
+    or anything else, and however many columns of it) never changes the states of its real tokens."""
+    config = tiny_config()
+    decoder = TextDecoder(config).eval()
+    text, lengths = caption_batch([5, 2, 3], seed=4)
+    z = torch.randn(3, config.z_dim)
+    after = torch.arange(text.shape[1] + 3) >= lengths.unsqueeze(1)  # B x (T + 3): past each caption
+    garbage = torch.randint(UNK + 1, VOCAB, after.shape).masked_fill(~after, 0)
+    longer = torch.cat([text, torch.full((3, 3), PAD)], dim=1).where(~after, garbage)
+    h, targets, row = decoder.hidden_states(z, text, lengths)
+    h_longer, targets_longer, row_longer = decoder.hidden_states(z, longer, lengths)
+    torch.testing.assert_close(h_longer, h)
+    assert torch.equal(targets_longer, targets) and torch.equal(row_longer, row)
+
+
 def test_word_dropout_replaces_words_but_not_bos_or_pad():
     inputs = shift_right(caption_batch([5, 2, 3])[0])
     all_dropped = word_dropout(inputs, 1.0)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mvae_course import device as device_module
 from mvae_course.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from mvae_course.config import Config, preset
 from mvae_course.models.mvae import MultimodalVAE
@@ -208,6 +209,37 @@ def test_ctrl_c_during_the_weight_update_still_resumes_exactly(full_run, tmp_pat
     assert load_checkpoint(run / "last.pt")["step"] == 9  # the update finished, then Ctrl-C was honoured
     result = train(small_config(), run, resume=True, progress=False, data_dir=data_dir)
     assert same_weights(result.model.state_dict(), full_run.model.state_dict())
+
+
+def test_resume_is_exact_under_bf16_autocast_too(full_run, tmp_path, data_dir, monkeypatch):
+    # bf16 as on a CPU with AVX512-BF16 or AMX (emulated by PyTorch where this one has neither).
+    monkeypatch.setattr(device_module, "cpu_has_bf16", lambda: True)
+    full = train(small_config(amp=True), tmp_path / "full", progress=False, data_dir=data_dir)
+    assert not same_weights(full.model.state_dict(), full_run.model.state_dict())  # bf16 changed the run
+    run = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        fail_on_training_call(patch, 9, raise_(KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt):
+            train(small_config(amp=True), run, progress=False, data_dir=data_dir)
+    result = train(small_config(amp=True), run, resume=True, progress=False, data_dir=data_dir)
+    assert same_weights(result.model.state_dict(), full.model.state_dict())
+
+
+def test_training_uses_the_configured_threads_then_restores_the_callers(tmp_path, data_dir, monkeypatch):
+    seen = []
+    real_forward = MultimodalVAE.forward
+
+    def forward(self, batch, beta=1.0):
+        seen.append(torch.get_num_threads())
+        return real_forward(self, batch, beta)
+
+    monkeypatch.setattr(MultimodalVAE, "forward", forward)
+    torch.set_num_threads(3)
+    try:
+        train(small_config(max_steps=2, threads=2), tmp_path / "run", progress=False, data_dir=data_dir)
+        assert set(seen) == {2} and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(1)  # the test session's setting (conftest.one_thread)
 
 
 # --- checkpoints ----------------------------------------------------------------------------------

@@ -6,6 +6,10 @@ Three stride-2 convolutions halve the image three times (64 -> 32 -> 16 -> 8, or
 then a linear layer gives the posterior's mu and logvar. The decoder mirrors it with transposed
 convolutions and returns logits; `objectives.image_log_likelihood` turns them into log p(x | z) and
 `objectives.image_mean` into pixels.
+
+Both run their convolutions on channels-last feature maps (`B x H x W x C` in memory, the layout oneDNN
+computes in, so no layer reorders its input), and both hand back fp32 even under bf16 autocast: what
+leaves a network is summed over pixels or latent dimensions next.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from mvae_course.config import ModelConfig
+from mvae_course.device import full_precision
 
 
 def conv_output_size(size: int, kernel: int = 4, stride: int = 2, padding: int = 1) -> int:
@@ -59,8 +64,9 @@ class ImageEncoder(nn.Module):
 
     def forward(self, image: Tensor) -> tuple[Tensor, Tensor]:
         """image: B x 3 x H x W in [0, 1]. Returns mu, logvar: B x z_dim each."""
+        image = image.contiguous(memory_format=torch.channels_last)
         h = self.conv(image)  # B x C_last x H/8 x W/8 (128 x 8 x 8 for 64 x 64 inputs)
-        mu, logvar = self.to_params(h.flatten(1)).chunk(2, dim=-1)  # B x z_dim each
+        mu, logvar = full_precision(self.to_params(h.flatten(1))).chunk(2, dim=-1)  # B x z_dim each
         return mu, logvar
 
 
@@ -88,5 +94,5 @@ class ImageDecoder(nn.Module):
         lead = z.shape[:-1]
         h = torch.relu(self.from_z(z.reshape(-1, z.shape[-1])))  # N x (C_last * side^2)
         h = h.view(-1, self.channels, self.side, self.side)  # N x C_last x H/8 x W/8
-        logits = self.deconv(h)  # N x 3 x H x W
-        return logits.view(*lead, *logits.shape[1:])
+        logits = self.deconv(h.contiguous(memory_format=torch.channels_last))  # N x 3 x H x W
+        return full_precision(logits).contiguous().view(*lead, *logits.shape[1:])

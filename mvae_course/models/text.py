@@ -2,20 +2,27 @@
 
 Taught in notebooks/03_text_vae.ipynb
 
-A batch caption is its content ids, one EOS, then PAD (docs/architecture.md). Both networks run their
-GRUs on packed sequences, so padding costs nothing and changes nothing. The decoder is trained with
-teacher forcing: it reads [BOS] + caption[:-1] and predicts the caption, EOS last. Its vocabulary
-projection, the largest layer of the model, runs only at the N real token positions of the batch (an
-N x V matrix, never B x T x V).
+A batch caption is its content ids, one EOS, then PAD (docs/architecture.md). The encoder runs its
+bidirectional GRU on a packed sequence, so that the backward direction starts at each caption's last real
+token. The decoder is trained with teacher forcing: it reads [BOS] + caption[:-1] and predicts the caption,
+EOS last. Its GRU is causal, so it runs over the padded batch (padding comes after every real token and
+cannot change a real position's state), and its vocabulary projection, the largest layer of the model, runs
+only at the N real token positions of the batch (an N x V matrix, never B x T x V).
+
+Speed on a CPU (benchmarks/README.md): a packed GRU's backward pass writes a zero gradient the size of the
+whole sequence at every time step, so the padded decoder is faster although it runs the padding; under
+bf16 autocast the encoder's GRU stays fp32 on a CPU, where casting its small hidden state at every time step
+costs more than bf16 saves. Both networks hand back fp32 (log-likelihoods, mu and logvar).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import pack_padded_sequence
 
 from mvae_course.config import ModelConfig
+from mvae_course.device import full_precision
 from mvae_course.data.text import BOS, EOS, PAD, UNK
 from mvae_course.objectives import text_log_likelihood
 
@@ -113,10 +120,11 @@ class TextEncoder(nn.Module):
         check_lengths(text, lengths)
         emb = self.embedding(text)  # B x T x emb_dim
         packed = pack_padded_sequence(emb, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        # h: 2 x B x enc_hidden, the forward state after the last real token, the backward after the first
-        _, h = self.gru(packed)
+        with torch.autocast("cpu", enabled=False):  # fp32 on a CPU (see above); CUDA autocast is untouched
+            # h: 2 x B x enc_hidden, the forward state after the last real token, the backward after the first
+            _, h = self.gru(packed)
         h = torch.cat([h[0], h[1]], dim=-1)  # B x 2 enc_hidden
-        mu, logvar = self.to_params(h).chunk(2, dim=-1)
+        mu, logvar = full_precision(self.to_params(h)).chunk(2, dim=-1)
         return mu, logvar
 
 
@@ -150,18 +158,16 @@ class TextDecoder(nn.Module):
         real token), targets: N (that token) and row: N (its sample), N = lengths.sum().
         """
         check_lengths(text, lengths)
+        text = text[:, : int(lengths.max())]  # B x T: padding past the longest caption is never run
         inputs = shift_right(text)  # B x T, starts with BOS
         if self.training and self.word_dropout > 0:
             inputs = word_dropout(inputs, self.word_dropout)
         T = text.shape[1]
         x = torch.cat([self.embedding(inputs), z.unsqueeze(1).expand(-1, T, -1)], dim=-1)  # B x T x (emb + z)
-        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        out, _ = self.gru(packed, self.initial_state(z))  # the GRU reorders h0 with the packing itself
-        out, _ = pad_packed_sequence(out, batch_first=True)  # B x T' x H, T' = longest length <= T
-        T_real = out.shape[1]
-        real = torch.arange(T_real, device=text.device) < lengths.to(text.device).unsqueeze(1)  # B x T'
-        row = torch.arange(text.shape[0], device=text.device).unsqueeze(1).expand(-1, T_real)
-        return out[real], text[:, :T_real][real], row[real]  # N x H, N, N
+        out, _ = self.gru(x, self.initial_state(z))  # B x T x H; causal: padding never reaches a real state
+        real = torch.arange(T, device=text.device) < lengths.to(text.device).unsqueeze(1)  # B x T
+        row = torch.arange(text.shape[0], device=text.device).unsqueeze(1).expand(-1, T)
+        return out[real], text[real], row[real]  # N x H, N, N
 
     def log_likelihood(self, z: Tensor, text: Tensor, lengths: Tensor) -> Tensor:
         """log p(y | z) per caption, summed over its real tokens (EOS included).
@@ -171,7 +177,7 @@ class TextDecoder(nn.Module):
         z: B x z_dim, text: B x T, lengths: B. Returns B.
         """
         h, targets, row = self.hidden_states(z, text, lengths)
-        logits = self.out(h)  # N x V, only where there is a real token
+        logits = full_precision(self.out(h))  # N x V, only where there is a real token; fp32 for the softmax
         return text_log_likelihood(logits, targets, row, text.shape[0])
 
     def step(self, tokens: Tensor, h: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
@@ -183,7 +189,7 @@ class TextDecoder(nn.Module):
         """
         x = torch.cat([self.embedding(tokens), z], dim=-1).unsqueeze(1)  # B x 1 x (emb + z)
         out, h = self.gru(x, h)
-        logits = self.out(out[:, 0]).float()  # B x V
+        logits = full_precision(self.out(out[:, 0]))  # B x V
         logits[:, [PAD, BOS]] = -torch.inf
         return logits, h
 
