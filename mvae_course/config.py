@@ -38,6 +38,7 @@ class DataConfig:
     level: int = 4  # shapes only: 1 shape, 2 +size, 3 +colour, 4 +position, 5 +second object/texture
     n_train: int = 2000  # shapes only
     n_val: int = 200  # shapes only
+    holdout: str | None = None  # shapes only: e.g. "shape-colour" keeps data.shapes.HOLDOUTS' pairs out of train
     min_count: int = 1  # wordpieces seen fewer times in the training captions map to UNK
 
 
