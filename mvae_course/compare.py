@@ -63,8 +63,9 @@ COCO_COLUMNS = (
     ("text bits/token", "log_likelihood/text_bits_per_token"),
     ("log p(image, text)", "log_likelihood/log_p_joint"),
 )
-PROTOCOL_NOTE = ("z: posterior mean or one posterior sample, as each column says; image: decoder mean; caption: "
-                 "greedy; text->image read by the CNN judge; strict = every attribute right")
+PROTOCOL_NOTE = ("z: the posterior mean or one posterior sample, as each column says; the image is the decoder's "
+                 "mean and the caption greedy unless the column says pixel sample or sampled caption; joint: "
+                 "z ~ prior; images read by the CNN judge; strict = every attribute right")
 
 
 def comparison_config(data: str = "shapes", level: int = 4, fusion: str = "poe", preset_name: str = "cpu",
