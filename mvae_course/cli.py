@@ -19,7 +19,7 @@ from mvae_course.checkpoint import CheckpointError
 from mvae_course.compare import compare
 from mvae_course.config import FUSIONS, MAX_CAPTION_TOKENS, ON_BAD, PRESETS, Config, preset
 from mvae_course.data.cache import prepare_cache, read_captions, read_meta
-from mvae_course.data.shapes import write_shapes
+from mvae_course.data.shapes import HOLDOUTS, write_shapes
 from mvae_course.data.text import CaptionTokenizer
 from mvae_course.evaluate import evaluate_run
 from mvae_course.reference import RUNS, rebuild, reference_run, verify
@@ -44,7 +44,7 @@ def positive_int(text: str) -> int:
 def run_shapes(args: argparse.Namespace) -> int:
     out = write_shapes(
         args.out, n_train=args.train, n_val=args.val, level=args.level, seed=args.seed,
-        image_size=args.image_size,
+        image_size=args.image_size, holdout=args.holdout,
     )
     print(f"wrote the shapes data set (level {args.level}) to {out}")
     return 0
@@ -167,7 +167,10 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fusions to compare (default: all)")
     parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="default: cpu")
     parser.add_argument("--max-steps", type=int, help="training steps per fusion (default: the preset's)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="training seeds; with several, the table gives the mean and spread (default: 0)")
+    parser.add_argument("--holdout", choices=sorted(HOLDOUTS),
+                        help="shapes: keep these attribute combinations out of training, report seen vs unseen")
     parser.add_argument("--out", type=Path, default=Path("runs/compare"), help="default: runs/compare")
     parser.add_argument("--root", type=Path, help="COCO 2017 folder (for --data coco)")
     parser.add_argument("--data-dir", type=Path, help="shared data and caches (default: OUT/data)")
@@ -179,8 +182,8 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
 def run_compare(args: argparse.Namespace) -> int:
     """Run `mvae-course compare`; returns the exit status."""
     compare(data=args.data, level=args.level, fusions=args.fusions, preset=args.preset,
-            max_steps=args.max_steps, seed=args.seed, out=args.out, data_dir=args.data_dir, root=args.root,
-            device=args.device, n=args.n, progress=not args.no_progress)
+            max_steps=args.max_steps, seeds=args.seeds, out=args.out, data_dir=args.data_dir, root=args.root,
+            device=args.device, n=args.n, progress=not args.no_progress, holdout=args.holdout)
     return 0
 
 
@@ -247,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--level", type=int, default=4, help="1 shape, 2 +size, 3 +colour, 4 +position, 5 +object")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--holdout", choices=sorted(HOLDOUTS),
+                   help="keep these (shape, colour) pairs out of train; every other val image shows one")
     p.set_defaults(func=run_shapes)
 
     p = command("prepare", "decode images once into the preprocessing cache training reads")

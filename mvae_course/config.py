@@ -150,6 +150,7 @@ class DataConfig:
     level: int = 4  # shapes only: 1 shape, 2 +size, 3 +colour, 4 +position, 5 +second object/texture
     n_train: int = 2000  # shapes only
     n_val: int = 200  # shapes only
+    holdout: str | None = None  # shapes only: e.g. "shape-colour" keeps data.shapes.HOLDOUTS' pairs out of train
     min_count: int = 1  # wordpieces seen fewer times in the training captions map to UNK
     max_caption_tokens: int | None = MAX_CAPTION_TOKENS  # longer training captions are cut (None: never)
     on_bad_entry: str = "raise"  # a bad annotation entry (duplicate id, empty caption, ...): raise or skip

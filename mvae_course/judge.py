@@ -4,14 +4,19 @@ Taught in notebooks/07_evaluation.ipynb.
 
 Captions are judged exactly (`data.shapes.parse_caption`); images need a reader. The judge is trained
 once per data set on the real training images, saved beside the caches, and reports its own accuracy on
-the real validation images: a judge is only as good as that number.
+the real validation images: a judge is only as good as that number. Generated images are softer,
+dimmer and noisier than real ones, so it is trained on real images degraded the way decoders degrade
+them (`degrade.augment`), and `judge_accuracy` reports it on degraded copies as well (`DEGRADATIONS`).
+A judge with nothing learnt, `rule_judge.RuleJudge`, checks it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+import pickle
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +24,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mvae_course.checkpoint import save_checkpoint
 from mvae_course.data.cache import CaptionCache, as_float_images
 from mvae_course.data.shapes import ATTRIBUTE_VALUES
+from mvae_course.degrade import DEGRADATIONS, augment
 from mvae_course.device import seeded
 from mvae_course.metrics import attribute_accuracy
+
+JUDGE_VERSION = 2  # bump when the network or its training change: saved judges then read as stale
+STEPS = 1000  # training steps; benchmarks/README.md, "Quality", gives what they buy at levels 4 and 5
 
 
 class AttributeClassifier(nn.Module):
@@ -78,21 +88,15 @@ class AttributeClassifier(nn.Module):
         return [{a: self.classes[a][preds[a][i]] for a in self.classes} for i in range(images.shape[0])]
 
 
-def _shift(x: Tensor, max_shift: int, gen: torch.Generator) -> Tensor:
-    """Roll a batch (B x C x H x W) by a random few pixels: the data jitter objects inside their quadrant,
-    and without it a classifier of a few hundred images memorises where each shape's pixels sit."""
-    dy, dx = torch.randint(-max_shift, max_shift + 1, (2,), generator=gen).tolist()
-    return torch.roll(x, (dy, dx), dims=(2, 3))
-
-
 def train_attribute_classifier(images: Tensor, attributes: Sequence[Mapping[str, Any]],
-                               classes: Mapping[str, Sequence[Any]], steps: int = 400, batch_size: int = 64,
+                               classes: Mapping[str, Sequence[Any]], steps: int = STEPS, batch_size: int = 64,
                                lr: float = 3e-3, seed: int = 0, device: str | torch.device = "cpu",
                                ) -> AttributeClassifier:
     """Fit an `AttributeClassifier` on real images (N x 3 x H x W, uint8 or [0, 1]) and their attributes.
 
-    The loss is the sum over attributes of each head's cross-entropy; one-cycle learning rate; each
-    batch is shifted by up to 1/16 of the image side.
+    The loss is the sum over attributes of each head's cross-entropy; one-cycle learning rate. Every
+    batch is degraded at random (`degrade.augment`: blur, noise, gain and contrast, pixel samples, a
+    shift of up to 1/16 of the side), so the judge reads what decoders draw, not only what the data holds.
     """
     if images.shape[0] != len(attributes) or not attributes:
         raise ValueError(f"{images.shape[0]} images but {len(attributes)} attribute dicts")
@@ -106,7 +110,7 @@ def train_attribute_classifier(images: Tensor, attributes: Sequence[Mapping[str,
     clf.train()
     for _ in range(steps):
         idx = torch.randint(images.shape[0], (min(batch_size, images.shape[0]),), generator=gen)
-        x = _shift(as_float_images(images[idx]), max_shift, gen).to(device)
+        x = augment(as_float_images(images[idx]), gen, max_shift=max_shift).to(device)
         logits = clf(x)
         loss = sum(F.cross_entropy(logits[a], labels[a][idx].to(device)) for a in clf.classes)
         opt.zero_grad(set_to_none=True)
@@ -116,37 +120,71 @@ def train_attribute_classifier(images: Tensor, attributes: Sequence[Mapping[str,
     return clf.eval()
 
 
+def judge_accuracy(judge: Any, images: Tensor, attributes: Sequence[Mapping[str, Any]], names: Sequence[str],
+                   degradations: Mapping[str, Callable[[Tensor, torch.Generator], Tensor]] = DEGRADATIONS,
+                   seed: int = 0) -> dict[str, dict[str, float]]:
+    """A judge's accuracy (per attribute and strict) on real images and on each degraded copy of them.
+
+    judge: anything with `predict(images) -> list of attribute dicts` (the CNN, `RuleJudge`). images:
+    N x 3 x H x W (uint8 or [0, 1]); attributes: their N true attribute dicts. Returns {degradation:
+    {attribute: accuracy, ..., "strict": ...}}, in the order of `degradations` ("real" first).
+    """
+    x = as_float_images(images.cpu())
+    out = {}
+    for name, degrade in degradations.items():
+        gen = torch.Generator().manual_seed(seed)
+        out[name] = attribute_accuracy(judge.predict(degrade(x, gen)), attributes, names)
+    return out
+
+
 def _classifier_key(cache_meta: Mapping[str, Any], classes: Mapping[str, Sequence], steps: int) -> str:
-    """A short hash naming one judge: the training cache it learnt from (by its source), its classes, steps."""
+    """A short hash naming one judge: the training cache it learnt from (by its source), its classes, steps,
+    and the judge's version."""
     identity = [cache_meta.get(k) for k in ("source_sha256", "split", "image_size", "n_images")]
-    blob = json.dumps([identity, {a: list(v) for a, v in classes.items()}, steps], default=str)
+    blob = json.dumps([identity, {a: list(v) for a, v in classes.items()}, steps, JUDGE_VERSION], default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
+def _load_classifier(path: Path, key: str, device: str | torch.device) -> AttributeClassifier | None:
+    """The judge saved at `path`, or None (with a one-line message) when it is unreadable or not this one."""
+    try:
+        saved = torch.load(path, map_location=device, weights_only=True)
+        if not isinstance(saved, dict) or saved.get("key") != key:
+            raise ValueError("it holds another judge than its name says")
+        clf = AttributeClassifier(saved["classes"]).to(device)
+        clf.load_state_dict(saved["state_dict"])
+    except (OSError, EOFError, RuntimeError, ValueError, KeyError, TypeError, pickle.UnpicklingError) as err:
+        # torch.load and load_state_dict fail in many ways on a damaged or foreign file; all mean "train again"
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"attribute judge {path} is corrupt or stale ({reason}): training a new one", file=sys.stderr)
+        return None
+    return clf.eval()
+
+
 def load_or_train_classifier(train_cache: CaptionCache, val_cache: CaptionCache, attributes: Sequence[str], cache_dir: str | Path,
-                             steps: int = 400, device: str | torch.device = "cpu",
+                             steps: int = STEPS, device: str | torch.device = "cpu",
                              ) -> tuple[AttributeClassifier, dict[str, float]]:
     """The attribute judge of one shapes data set: trained once on the real training images, then read
-    from `cache_dir` (the file is named by the training cache's identity).
+    from `cache_dir` (the file is named by the training cache's identity and the judge's version).
 
     train_cache, val_cache: `CaptionCache`s with `attributes`. Returns the classifier and its accuracy on
-    the real validation images (per attribute and strict): a fair judge must be close to 100% there.
+    the real validation images (per attribute and strict): a fair judge must be close to 100% there
+    (`judge_accuracy` gives it on degraded copies too). The file is written atomically, and one that is
+    truncated, corrupt or from another version of the judge is replaced by a newly trained one.
     Taught in notebooks/07_evaluation.ipynb.
     """
     for name, cache in (("training", train_cache), ("validation", val_cache)):
         if cache.attributes is None:
             raise ValueError(f"the {name} cache has no per-image attributes: the attribute judge needs the shapes data")
     classes = {a: ATTRIBUTE_VALUES[a] for a in attributes}
-    path = Path(cache_dir) / f"attribute_classifier_{_classifier_key(train_cache.meta, classes, steps)}.pt"
-    if path.is_file():
-        saved = torch.load(path, map_location=device, weights_only=True)
-        clf = AttributeClassifier(saved["classes"]).to(device)
-        clf.load_state_dict(saved["state_dict"])
-        clf.eval()
-    else:
+    key = _classifier_key(train_cache.meta, classes, steps)
+    path = Path(cache_dir) / f"attribute_classifier_{key}.pt"
+    clf = _load_classifier(path, key, device) if path.is_file() else None
+    if clf is None:
         clf = train_attribute_classifier(train_cache.images.cpu(), train_cache.attributes, classes, steps=steps,
                                          device=device)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"classes": {a: list(v) for a, v in clf.classes.items()}, "state_dict": clf.state_dict()}, path)
+        state = {"version": JUDGE_VERSION, "key": key, "classes": {a: list(v) for a, v in clf.classes.items()},
+                 "state_dict": clf.state_dict()}
+        save_checkpoint(state, path)  # a temporary file renamed into place: never half a judge on disk
     accuracy = attribute_accuracy(clf.predict(val_cache.images), val_cache.attributes, attributes)
     return clf, accuracy

@@ -1,9 +1,12 @@
-"""Pure metrics: retrieval recall, attribute accuracy and its chance level, caption BLEU/chrF, similarity.
+"""Pure metrics: retrieval recall, attribute accuracy and its chance level, bootstrap intervals, caption
+BLEU/chrF, similarity.
 
 Taught in notebooks/07_evaluation.ipynb.
 
 Each function takes plain tensors, lists and strings (no model, no data set), so each can be checked on
-inputs small enough to work out by hand.
+inputs small enough to work out by hand. Every figure that is a mean over items (images, captions,
+prior samples) comes with its per-item values too (`query_ranks`, `attribute_hits`), so that
+`bootstrap_ci` can say how much it would move on another draw of the same number of items.
 """
 
 from __future__ import annotations
@@ -24,17 +27,12 @@ from mvae_course.data.text import wordpiece_dir
 KS = (1, 5, 10)
 
 
-def recall_at_k(sim: Tensor, gt: Sequence[int | Iterable[int]], ks: Sequence[int] = KS) -> dict[str, float]:
-    """Recall@K and median rank of a retrieval task.
+def query_ranks(sim: Tensor, gt: Sequence[int | Iterable[int]]) -> Tensor:
+    """The rank of each query's best correct candidate: Q int64, 1 = ranked first.
 
     sim: Q x N similarities (query x candidate, higher is closer). gt: for each query the index of its
-    correct candidate, or a set of indices (an image has five captions: a hit if any of them is ranked
-    within K). The rank of a query is 1 + the number of wrong candidates at least as close as its best
-    correct one, so a perfect `sim` gives rank 1 everywhere and a reversed one gives rank N. Ties count
-    against the query, so a collapsed latent space (every candidate equally close) scores worst, not best.
-    Returns {"R@1", "R@5", "R@10" (fractions in [0, 1]), "median_rank"}.
-
-    Taught in notebooks/07_evaluation.ipynb.
+    correct candidate, or a set of indices (an image has five captions). The rank is 1 + the number of
+    wrong candidates at least as close as the best correct one: ties count against the query.
     """
     if sim.dim() != 2:
         raise ValueError(f"sim must be Q x N, got shape {tuple(sim.shape)}")
@@ -49,10 +47,69 @@ def recall_at_k(sim: Tensor, gt: Sequence[int | Iterable[int]], ks: Sequence[int
         correct[i, torch.as_tensor(idx, dtype=torch.long)] = True
     sim = sim.detach().float().cpu()
     best = sim.masked_fill(~correct, -math.inf).amax(dim=1, keepdim=True)  # Q x 1
-    rank = ((sim >= best) & ~correct).sum(dim=1) + 1  # Q
+    return ((sim >= best) & ~correct).sum(dim=1) + 1  # Q
+
+
+def recall_at_k(sim: Tensor, gt: Sequence[int | Iterable[int]], ks: Sequence[int] = KS) -> dict[str, float]:
+    """Recall@K and median rank of a retrieval task.
+
+    sim: Q x N similarities (query x candidate, higher is closer). gt: for each query the index of its
+    correct candidate, or a set of indices (an image has five captions: a hit if any of them is ranked
+    within K). The rank of a query is 1 + the number of wrong candidates at least as close as its best
+    correct one (`query_ranks`), so a perfect `sim` gives rank 1 everywhere and a reversed one gives rank N.
+    Ties count against the query, so a collapsed latent space (every candidate equally close) scores worst,
+    not best. Returns {"R@1", "R@5", "R@10" (fractions in [0, 1]), "median_rank"}.
+
+    Taught in notebooks/07_evaluation.ipynb.
+    """
+    rank = query_ranks(sim, gt)
     out = {f"R@{k}": (rank <= k).float().mean().item() for k in ks}
     out["median_rank"] = float(rank.float().median().item())
     return out
+
+
+def chance_recall(n_candidates: int, n_correct: int, k: int) -> float:
+    """Recall@K of a random ranking: the chance that at least one of `n_correct` correct candidates among
+    `n_candidates` lands in the top K, 1 - C(N - c, K) / C(N, K) (= K / N for one correct candidate)."""
+    if not 0 < n_correct <= n_candidates or k < 1:
+        raise ValueError(f"need 0 < n_correct <= n_candidates and k >= 1, got {n_correct}, {n_candidates}, {k}")
+    return 1.0 - math.comb(n_candidates - n_correct, k) / math.comb(n_candidates, k)
+
+
+def _objects(attributes: Sequence[str]) -> list[list[str]]:
+    """The attributes grouped by object: a trailing digit names a further object ("shape2" is object 2's)."""
+    groups: dict[str, list[str]] = {}
+    for a in attributes:
+        base = a.rstrip("0123456789")
+        groups.setdefault(a[len(base):], []).append(a)
+    return list(groups.values())
+
+
+def attribute_hits(pred: Sequence[Mapping[str, Any] | None], true: Sequence[Mapping[str, Any]],
+                   attributes: Sequence[str]) -> dict[str, Tensor]:
+    """Per item, whether each predicted attribute equals the true one, and whether the item is right as
+    a whole ("strict"): {attribute: N bool, ..., "strict": N bool}.
+
+    pred: per item a dict of attributes, or None when nothing could be read (wrong on everything); an
+    attribute that is None is wrong. With two objects (attributes "shape", ..., "shape2", ...), strict
+    compares the objects as a set: a caption may name them in either order.
+    """
+    if len(pred) != len(true):
+        raise ValueError(f"{len(pred)} predictions for {len(true)} true items")
+    if not true:
+        raise ValueError("attribute accuracy needs at least one item")
+    hits = {a: torch.tensor([p is not None and p.get(a) is not None and p.get(a) == t[a] for p, t in zip(pred, true)],
+                            dtype=torch.bool) for a in attributes}
+    groups = _objects(attributes)
+
+    def objects(item: Mapping[str, Any]) -> list[tuple]:
+        return sorted(tuple(str(item.get(a)) for a in group) for group in groups)
+
+    hits["strict"] = torch.tensor([
+        p is not None and all(p.get(a) is not None for a in attributes) and objects(p) == objects(t)
+        for p, t in zip(pred, true)
+    ], dtype=torch.bool)
+    return hits
 
 
 def attribute_accuracy(pred: Sequence[Mapping[str, Any] | None], true: Sequence[Mapping[str, Any]],
@@ -60,30 +117,47 @@ def attribute_accuracy(pred: Sequence[Mapping[str, Any] | None], true: Sequence[
     """Fraction of items whose predicted attribute equals the true one, per attribute and all at once.
 
     pred: per item a dict of attributes, or None when nothing could be read (counts as wrong).
-    Returns {attribute: accuracy, ..., "strict": fraction with every attribute right}.
+    Returns {attribute: accuracy, ..., "strict": fraction with every attribute right}; with two objects,
+    strict is order-free (`attribute_hits`).
 
     Taught in notebooks/04_fusion.ipynb.
     """
-    if len(pred) != len(true):
-        raise ValueError(f"{len(pred)} predictions for {len(true)} true items")
-    if not true:
-        raise ValueError("attribute_accuracy needs at least one item")
-    hits = {a: [p is not None and p.get(a) is not None and p.get(a) == t[a] for p, t in zip(pred, true)]
-            for a in attributes}
-    out = {a: sum(h) / len(true) for a, h in hits.items()}
-    out["strict"] = sum(all(row) for row in zip(*hits.values())) / len(true)
-    return out
+    return {a: h.float().mean().item() for a, h in attribute_hits(pred, true, attributes).items()}
 
 
 def chance_accuracy(attributes: Sequence[str], values: Mapping[str, Sequence] | None = None) -> dict[str, float]:
-    """Accuracy of guessing uniformly at random: 1 / (number of values), and their product for `strict`.
+    """Accuracy of guessing uniformly at random: 1 / (number of values), and for `strict` their product,
+    times the number of orders the objects can be matched in (two objects: 2, as strict is order-free).
 
     Taught in notebooks/07_evaluation.ipynb.
     """
     values = ATTRIBUTE_VALUES if values is None else values
     out = {a: 1.0 / len(values[a]) for a in attributes}
-    out["strict"] = math.prod(out.values())
+    out["strict"] = math.factorial(len(_objects(attributes))) * math.prod(out.values())
     return out
+
+
+def bootstrap_ci(values: Sequence[float] | Tensor, n_boot: int = 1000, level: float = 0.95, seed: int = 0,
+                 statistic: str = "mean") -> tuple[float, float]:
+    """A percentile bootstrap interval of the mean (or median) of per-item values.
+
+    values: N per-item numbers (1/0 hits, ranks). Draws `n_boot` resamples of N items with replacement
+    (seeded: the same inputs give the same interval), takes the statistic of each, and returns the
+    (1 - level) / 2 and (1 + level) / 2 quantiles of those: (lo, hi). It measures how much the figure
+    depends on which items were drawn, not how much it depends on the training seed.
+    """
+    x = torch.as_tensor(values, dtype=torch.float64).flatten().cpu()
+    if x.numel() == 0:
+        raise ValueError("bootstrap_ci needs at least one value")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    if statistic not in ("mean", "median"):
+        raise ValueError(f"statistic must be 'mean' or 'median', got {statistic!r}")
+    gen = torch.Generator().manual_seed(seed)
+    resampled = x[torch.randint(x.numel(), (n_boot, x.numel()), generator=gen)]  # n_boot x N
+    stats = resampled.mean(1) if statistic == "mean" else resampled.median(1).values
+    lo, hi = torch.quantile(stats, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64))
+    return lo.item(), hi.item()
 
 
 def caption_metrics(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> dict[str, float]:

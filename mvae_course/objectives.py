@@ -156,6 +156,28 @@ def image_mean(logits: Tensor, likelihood: str = "gaussian") -> Tensor:
     )
 
 
+def image_sample(logits: Tensor, likelihood: str = "gaussian", sigma: float = 0.1) -> Tensor:
+    """One draw x ~ p(x | z) per pixel and channel (torch's global generator), in [0, 1].
+
+    logits: ... x C x H x W. "gaussian": sigmoid(logits) + sigma * noise, clipped to [0, 1];
+    "bernoulli": 0 or 1 with P(1) = sigmoid(logits); "continuous_bernoulli": by inverting its CDF
+    F(x) = (e^(l x) - 1) / (e^l - 1), i.e. x = log(1 + u (e^l - 1)) / l for u ~ U(0, 1) (x = u at l = 0).
+    """
+    if likelihood == "gaussian":
+        return (torch.sigmoid(logits) + sigma * torch.randn_like(logits)).clamp(0, 1)
+    if likelihood == "bernoulli":
+        return torch.bernoulli(torch.sigmoid(logits))
+    if likelihood == "continuous_bernoulli":
+        u = torch.rand_like(logits)
+        l = logits.clamp(-80, 80)  # e^80 still fits in float32
+        small = l.abs() < 1e-4
+        safe = torch.where(small, torch.ones_like(l), l)
+        return torch.where(small, u, torch.log1p(u * torch.expm1(safe)) / safe).clamp(0, 1)
+    raise ValueError(
+        f"unknown image likelihood {likelihood!r}; use 'gaussian', 'bernoulli' or 'continuous_bernoulli'"
+    )
+
+
 # --- text likelihood --------------------------------------------------------------------------------
 
 

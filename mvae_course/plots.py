@@ -190,12 +190,15 @@ def _comparison_columns(table: Mapping[str, Mapping[str, float]] | Sequence[Mapp
 
 
 def plot_comparison(table: Mapping[str, Mapping[str, float]] | Sequence[Mapping[str, Any]],
-                    metrics: Sequence[str] | None = None, title: str = "Fusion comparison") -> Figure:
+                    metrics: Sequence[str] | None = None, title: str = "Fusion comparison",
+                    intervals: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
+                    chance: Mapping[str, float] | None = None) -> Figure:
     """Bars grouped by metric: one panel per metric (each on its own scale, since a log-likelihood in
     nats and an accuracy in [0, 1] share no axis), one coloured bar per row (e.g. per fusion), values
     written on the bars, one legend.
 
-    `table` is {fusion: {metric: value}} or a list of row dicts with a `fusion` key.
+    `table` is {fusion: {metric: value}} or a list of row dicts with a `fusion` key. `intervals`
+    ({fusion: {metric: (lo, hi)}}) are drawn as error bars; `chance` ({metric: value}) as a dashed line.
     Taught in notebooks/07_evaluation.ipynb.
     """
     names, rows = _comparison_columns(table)
@@ -211,8 +214,17 @@ def plot_comparison(table: Mapping[str, Mapping[str, float]] | Sequence[Mapping[
     colours = [f"C{i}" for i in range(len(names))]
     for ax, metric in zip(axes.flat, metrics):
         values = [_number(rows[n].get(metric)) or 0.0 for n in names]
-        bars = ax.bar(range(len(names)), values, color=colours, label=names)
-        ax.bar_label(bars, fmt="%.3g", fontsize=7)
+        bounds = [(intervals or {}).get(n, {}).get(metric) for n in names]
+        yerr = None
+        if any(b is not None for b in bounds):  # below and above each bar; none where a row has no interval
+            yerr = [[max(0.0, v - b[0]) if b else 0.0 for v, b in zip(values, bounds)],
+                    [max(0.0, b[1] - v) if b else 0.0 for v, b in zip(values, bounds)]]
+        bars = ax.bar(range(len(names)), values, color=colours, label=names, yerr=yerr, capsize=3)
+        ax.bar_label(bars, fmt="%.3g", fontsize=7, label_type="center")
+        if chance and metric in chance:
+            ax.axhline(chance[metric], color="grey", linestyle="--", linewidth=1)
+            ax.annotate("chance", (1.0, chance[metric]), xycoords=("axes fraction", "data"), fontsize=6,
+                        ha="right", va="bottom", color="grey")
         ax.set_title(metric, fontsize=9)
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, fontsize=7, rotation=20)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,18 +13,23 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
+from mvae_course.config import preset
+from mvae_course.data.prepare import data_root
 from mvae_course.data.shapes import (
     ATTRIBUTE_VALUES,
     COLOUR_RGB,
     FIXED_RGB,
+    HOLDOUTS,
     JITTER,
     LEVELS,
     POSITION_CENTRE,
     POSITIONS,
     attributes_at_level,
     ensure_shapes,
+    held_out,
     parse_caption,
     sample_objects,
+    unseen_order_captions,
     write_captions,
     write_shapes,
 )
@@ -203,14 +209,111 @@ def test_ensure_shapes_reuses_and_regenerates(tmp_path):
     assert all((root / "train" / im["file_name"]).is_file() for im in images(root))
 
 
+def random_scene(rng: np.random.Generator, level: int) -> tuple[list[dict], dict]:
+    """A scene's objects and the attributes its captions must parse back to."""
+    objects = sample_objects(rng, level)
+    truth = {a: objects[0][a] for a in attributes_at_level(min(level, 4))}
+    if level == 5:
+        truth |= {f"{a}2": objects[1][a] for a in attributes_at_level(4)}
+    return objects, truth
+
+
 @pytest.mark.parametrize("level", LEVELS)
 def test_captions_of_many_scenes_parse_back(level):
     """Every template and synonym, without drawing: 300 scenes per level."""
     rng = np.random.default_rng(level)
     for _ in range(300):
-        objects = sample_objects(rng, level)
-        truth = {a: objects[0][a] for a in attributes_at_level(min(level, 4))}
-        if level == 5:
-            truth |= {f"{a}2": objects[1][a] for a in attributes_at_level(4)}
+        objects, truth = random_scene(rng, level)
         for caption in write_captions(objects, level, rng):
             assert parse_caption(caption, level) == truth, caption
+
+
+# --- harder tests of generalisation: a compositional split, unseen word orders ---------------------------
+
+
+@pytest.mark.parametrize("level", (3, 4, 5))
+def test_a_holdout_keeps_its_pairs_out_of_training_and_shows_them_in_every_other_val_image(tmp_path, level):
+    root = write_shapes(tmp_path / "held", 60, 20, level=level, image_size=SIZE, holdout="shape-colour")
+    pairs = set(HOLDOUTS["shape-colour"])
+    for info in images(root):
+        assert not held_out(info["attributes"], "shape-colour")
+        assert all((o["shape"], o["colour"]) not in pairs for o in info["objects"]), info
+    val = images(root, "val")
+    assert [held_out(info["attributes"], "shape-colour") for info in val] == [i % 2 == 1 for i in range(len(val))]
+    # Each held-out shape and colour is still seen in training, with other partners.
+    seen = {(o["shape"], o["colour"]) for info in images(root) for o in info["objects"]}
+    assert {s for s, _ in pairs} <= {s for s, _ in seen} and {c for _, c in pairs} <= {c for _, c in seen}
+    params = json.loads((root / "annotations" / "captions_train.json").read_text())["info"]["shapes"]
+    assert params["holdout"] == "shape-colour"
+
+
+def test_a_holdout_has_its_own_folder_and_parameters(tmp_path):
+    plain = ensure_shapes(tmp_path / "plain", 8, 4, level=4, image_size=SIZE)
+    stamp = (plain / "annotations" / "captions_train.json").stat().st_mtime_ns
+    assert json.loads((plain / "annotations" / "captions_train.json").read_text())["info"]["shapes"]["holdout"] is None
+    ensure_shapes(plain, 8, 4, level=4, image_size=SIZE, holdout="shape-colour")  # other params: regenerated
+    assert (plain / "annotations" / "captions_train.json").stat().st_mtime_ns != stamp
+    cfg = preset("tiny")
+    held = cfg.replace(data={"holdout": "shape-colour"})
+    assert data_root(cfg, tmp_path) != data_root(held, tmp_path)
+    assert "holdout-shape-colour" in data_root(held, tmp_path).name
+
+
+def test_bad_holdouts_fail_clearly(tmp_path):
+    with pytest.raises(ValueError, match="holdout must be None or one of"):
+        write_shapes(tmp_path, 4, 1, level=4, holdout="shape-size")
+    with pytest.raises(ValueError, match="needs level 3 or more"):
+        write_shapes(tmp_path, 4, 1, level=2, holdout="shape-colour")
+
+
+def attribute_order(stretch: str) -> tuple[str, ...]:
+    """The kinds of attribute in one object's stretch of caption, in the order they are first named."""
+    order = []
+    words = re.sub(r"[^a-z]+", " ", stretch.lower()).split()
+    for i, word in enumerate(words):
+        found = parse_caption(" ".join(words[i:i + 2]) if word == "plus" else word)
+        kinds = [a for a, v in (found or {}).items() if v is not None]
+        if word in ("top", "upper", "bottom", "lower"):
+            kinds = ["position"]
+        for kind in kinds:
+            if kind not in order:
+                order.append(kind)
+    return tuple(order)
+
+
+def object_stretches(caption: str, level: int) -> list[str]:
+    return re.split(r";|\band\b", caption.lower()) if level == 5 else [caption]
+
+
+@pytest.mark.parametrize("level", (3, 4, 5))
+def test_unseen_order_captions_parse_back_in_orders_the_generator_never_writes(level):
+    rng = np.random.default_rng(level)
+    generated, unseen = set(), set()
+    vocabulary, used = set(), set()
+    for _ in range(300):
+        objects, truth = random_scene(rng, level)
+        for caption in write_captions(objects, level, rng):
+            generated |= {attribute_order(s) for s in object_stretches(caption, level)}
+            vocabulary |= set(re.findall(r"[a-z]+|[^a-z\s]", caption.lower()))
+        for caption in unseen_order_captions(truth, level, rng, n=3):
+            assert parse_caption(caption, level) == truth, caption
+            unseen |= {attribute_order(s) for s in object_stretches(caption, level)}
+            used |= set(re.findall(r"[a-z]+|[^a-z\s]", caption.lower()))
+    assert unseen and not unseen & generated, unseen & generated
+    # Only words (and punctuation) the generator uses at this level: a test of order, not of vocabulary.
+    assert used <= vocabulary, used - vocabulary
+    assert len(unseen) >= 4
+
+
+def test_unseen_order_captions_need_three_attributes():
+    with pytest.raises(ValueError, match="level 3 or more"):
+        unseen_order_captions({"shape": "circle", "size": "large"}, 2, np.random.default_rng(0))
+
+
+def test_level_5_parser_reads_both_objects_in_either_order():
+    truth = {"shape": "square", "size": "large", "colour": "red", "position": "top left",
+             "shape2": "star", "size2": "small", "colour2": "blue", "position2": "bottom right"}
+    for caption in ("a small blue star at the bottom right and a big red box in the upper left",
+                    "top-left: a large red square; a tiny blue star in the lower right corner",
+                    "a big red square at the top left and a small blue star in the bottom right"):
+        assert parse_caption(caption, 5) == truth, caption

@@ -22,7 +22,8 @@ def data_root(config: Config, data_dir: str | Path) -> Path:
         return Path(data.root)
     if data.dataset != "shapes":
         raise ValueError(f"data.root must point to a COCO-style folder for dataset {data.dataset!r}")
-    return Path(data_dir) / f"shapes-L{data.level}-n{data.n_train}-{data.n_val}-{data.image_size}px"
+    holdout = f"-holdout-{data.holdout}" if data.holdout else ""
+    return Path(data_dir) / f"shapes-L{data.level}-n{data.n_train}-{data.n_val}-{data.image_size}px{holdout}"
 
 
 def prepare_data(
@@ -37,10 +38,12 @@ def prepare_data(
     data = config.data
     if data.dataset not in ("shapes", "coco"):
         raise ValueError(f"data.dataset must be 'shapes' or 'coco', got {data.dataset!r}")
+    if data.holdout is not None and data.dataset != "shapes":
+        raise ValueError(f"data.holdout ({data.holdout!r}) is for the shapes data only; set it to null for COCO")
     root = data_root(config, data_dir)
     if data.dataset == "shapes" and build:
         ensure_shapes(root, n_train=data.n_train, n_val=data.n_val, level=data.level, seed=SHAPES_SEED,
-                      image_size=data.image_size)
+                      image_size=data.image_size, holdout=data.holdout)
     elif not root.is_dir():
         raise FileNotFoundError(
             f"COCO folder {root} does not exist; download COCO 2017 there or pass --root DIR"

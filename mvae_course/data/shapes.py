@@ -25,12 +25,18 @@ On disk (`write_shapes`), the folder reads like COCO 2017 and loads with pycocot
     root/annotations/captions_val.json     root/val/000001000001.png ...
 
 with each "images" entry also carrying its ground truth `attributes` and the drawn `objects`.
+
+Two harder tests of generalisation, still exact. A `holdout` (e.g. "shape-colour") keeps a fixed list of
+attribute combinations (`HOLDOUTS`) out of the training split entirely, while every other image of the
+validation split shows one: seen and unseen combinations are then measured apart. And
+`unseen_order_captions` writes captions in word orders `write_captions` never produces, for testing only.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +81,13 @@ SUPERSAMPLE = 4  # draw at 4x the size, then downsample: antialiased edges
 JITTER = 0.03
 GENERATOR_VERSION = 2  # bump when the images or captions change, so `ensure_shapes` regenerates
 
+# Compositional splits: (shape, colour) pairs never drawn in the training split. Each colour and each
+# shape still appears there with other partners, so an unseen pair is a new combination of known parts.
+HOLDOUTS: dict[str, tuple[tuple[str, str], ...]] = {
+    "shape-colour": (("circle", "red"), ("square", "green"), ("triangle", "blue"), ("cross", "yellow"),
+                     ("star", "cyan"), ("triangle", "purple")),
+}
+
 # Words the captions use for each value; `parse_caption` reads all of them back.
 _WORDS = {
     "shape": {
@@ -98,6 +111,25 @@ def attributes_at_level(level: int) -> tuple[str, ...]:
     return _OBJECT_ATTRIBUTES[:level]
 
 
+def held_out(attributes: Mapping[str, Any], holdout: str | None) -> bool:
+    """Whether an image shows a combination its `holdout` keeps out of training: any of its objects'
+    (shape, colour) pairs ("shape"/"colour", and "shape2"/"colour2" at level 5) is in `HOLDOUTS[holdout]`."""
+    if holdout is None:
+        return False
+    pairs = set(HOLDOUTS[holdout])
+    return any((attributes.get(f"shape{k}"), attributes.get(f"colour{k}")) in pairs for k in ("", "2"))
+
+
+def _check_holdout(holdout: str | None, level: int) -> None:
+    if holdout is None:
+        return
+    if holdout not in HOLDOUTS:
+        raise ValueError(f"holdout must be None or one of {sorted(HOLDOUTS)}, got {holdout!r}")
+    if level < 3:
+        raise ValueError(f"holdout {holdout!r} holds (shape, colour) pairs out: it needs level 3 or more "
+                         f"(colour varies), got level {level}")
+
+
 def _check_level(level: int) -> None:
     if level not in LEVELS:
         raise ValueError(
@@ -110,12 +142,23 @@ def _check_level(level: int) -> None:
 # Sampling and drawing
 
 
-def sample_objects(rng: np.random.Generator, level: int) -> list[dict[str, str]]:
+def sample_objects(rng: np.random.Generator, level: int, holdout: str | None = None,
+                   unseen: bool | None = None) -> list[dict[str, str]]:
     """One or two objects' attributes; non-varying ones take their `FIXED` value.
 
-    Two objects sit in different quadrants, listed in `POSITIONS` order (top left first).
+    Two objects sit in different quadrants, listed in `POSITIONS` order (top left first). With a
+    `holdout`, `unseen=False` draws only objects whose (shape, colour) pair it does not hold out, and
+    `unseen=True` only images that show at least one held-out pair (by drawing again until they do).
     """
     _check_level(level)
+    _check_holdout(holdout, level)
+    while True:
+        objects = _draw_objects(rng, level)
+        if unseen is None or held_out(_attributes(objects, level), holdout) == unseen:
+            return objects
+
+
+def _draw_objects(rng: np.random.Generator, level: int) -> list[dict[str, str]]:
     n = 2 if level == 5 else 1
     varying = _OBJECT_ATTRIBUTES[: min(level, 4)]
     quadrants = sorted(rng.choice(len(POSITIONS), size=n, replace=False).tolist())
@@ -258,6 +301,52 @@ def write_captions(
     return [_pair_caption(t, objects if rng.integers(2) else objects[::-1], rng) for t in templates]
 
 
+# Word orders for testing only. `write_captions` names an object's attributes in four orders (size,
+# colour, shape, position; colour, shape, size, position; and both with the position first); each of
+# these names them in another one, with words the generator already uses at that level.
+def _new_order_phrase(template: int, obj: dict[str, str], varying: tuple[str, ...], rng) -> str:
+    noun = _pick(rng, _WORDS["shape"][obj["shape"]])
+    size = _pick(rng, _WORDS["size"][obj["size"]])
+    colour = _pick(rng, _WORDS["colour"][obj["colour"]])
+    trailing, lead = _position_phrases(obj["position"], rng) if "position" in varying else ("", "")
+    if template == 0:  # shape, colour, size, position
+        words = [f"a {noun}", colour, size] + ([trailing] if trailing else [])
+        return ", ".join(words)
+    if template == 1:  # colour, size, shape, position
+        return " ".join(w for w in ("a", colour, size, noun, trailing) if w)
+    if template == 2:  # position, shape, size, colour
+        return f"{lead}: {noun}, {size}, {colour}" if lead else f"{noun}, {size}, {colour}"
+    if template == 3:  # shape, position, colour, size
+        return " ".join(w for w in (noun, trailing, "is", f"{colour},", size) if w)
+    return f"a {size} {noun} {trailing}, {colour}" if trailing else f"a {size} {noun}, {colour}"  # size, shape, position, colour
+
+
+UNSEEN_ORDER_TEMPLATES = 5
+
+
+def unseen_order_captions(attributes: Mapping[str, str], level: int, rng: np.random.Generator,
+                          n: int = 1) -> list[str]:
+    """`n` captions of an image's attributes in word orders the generator never writes (test use only).
+
+    attributes: an image's ground truth (the keys `attributes_at_level(level)`). Needs level 3 or more:
+    with one or two attributes every order already occurs. At level 5 the two objects, each in a new
+    order, are joined by "and" or ";" in either order. Every caption parses back to `attributes`.
+    """
+    _check_level(level)
+    if level < 3:
+        raise ValueError(f"captions in unseen word orders need level 3 or more, got level {level}")
+    varying = _OBJECT_ATTRIBUTES[: min(level, 4)]
+    objects = [{a: attributes.get(f"{a}{k}", FIXED.get(a)) for a in _OBJECT_ATTRIBUTES}
+               for k in (("", "2") if level == 5 else ("",))]
+    captions = []
+    for _ in range(n):
+        if rng.integers(2):
+            objects = objects[::-1]
+        phrases = [_new_order_phrase(int(rng.integers(UNSEEN_ORDER_TEMPLATES)), o, varying, rng) for o in objects]
+        captions.append(_pick(rng, (" and ", "; ")).join(phrases))
+    return captions
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading captions back
 
@@ -339,15 +428,17 @@ def parse_caption(text: str, level: int | None = None) -> dict[str, str | None] 
 # Writing the data set
 
 
-def _params(n_train: int, n_val: int, level: int, seed: int, image_size: int) -> dict[str, int]:
+def _params(n_train: int, n_val: int, level: int, seed: int, image_size: int,
+            holdout: str | None) -> dict[str, Any]:
     return {
         "generator": GENERATOR_VERSION, "n_train": n_train, "n_val": n_val,
-        "level": level, "seed": seed, "image_size": image_size,
+        "level": level, "seed": seed, "image_size": image_size, "holdout": holdout,
     }
 
 
-def _check_params(n_train: int, n_val: int, level: int, image_size: int) -> None:
+def _check_params(n_train: int, n_val: int, level: int, image_size: int, holdout: str | None) -> None:
     _check_level(level)
+    _check_holdout(holdout, level)
     if n_train < 1 or n_val < 0:
         raise ValueError(f"need n_train >= 1 and n_val >= 0 images, got n_train={n_train}, n_val={n_val}")
     if image_size < 16:
@@ -355,16 +446,18 @@ def _check_params(n_train: int, n_val: int, level: int, image_size: int) -> None
 
 
 def _write_split(
-    out: Path, split: str, n: int, params: dict[str, int], first_id: int, bar: tqdm
+    out: Path, split: str, n: int, params: dict[str, Any], first_id: int, bar: tqdm
 ) -> None:
-    level, image_size = params["level"], params["image_size"]
+    level, image_size, holdout = params["level"], params["image_size"], params["holdout"]
     rng = np.random.default_rng([params["seed"], ("train", "val").index(split)])
     folder = out / split
     folder.mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
     for i in range(n):
         image_id = first_id + i
-        objects = _place(sample_objects(rng, level), rng, image_size)
+        # With a holdout: no held-out pair in training; in validation, every other image shows one.
+        unseen = None if holdout is None else (split == "val" and i % 2 == 1)
+        objects = _place(sample_objects(rng, level, holdout, unseen), rng, image_size)
         file_name = f"{image_id:012d}.png"
         render(objects, image_size).save(folder / file_name)
         images.append({
@@ -396,21 +489,23 @@ def _write_split(
 
 
 def write_shapes(
-    out: str | Path, n_train: int, n_val: int, level: int = 4, seed: int = 0, image_size: int = 64
+    out: str | Path, n_train: int, n_val: int, level: int = 4, seed: int = 0, image_size: int = 64,
+    holdout: str | None = None,
 ) -> Path:
     """Generate the shapes data set under `out` in COCO's caption layout; the same seed gives the same bytes.
 
     Writes `out/annotations/captions_{train,val}.json` and `out/{train,val}/*.png`. Image ids are
-    1.. in train and 1000001.. in val. Returns `out`.
+    1.. in train and 1000001.. in val. With a `holdout` (a key of `HOLDOUTS`) the training split never
+    shows its (shape, colour) pairs and every odd-numbered validation image does. Returns `out`.
 
     Taught in notebooks/00_setup.ipynb.
     """
-    _check_params(n_train, n_val, level, image_size)
+    _check_params(n_train, n_val, level, image_size, holdout)
     out = Path(out)
     (out / "annotations").mkdir(parents=True, exist_ok=True)
     for split in ("train", "val"):  # drop the old annotations first: no mix of old and new
         (out / "annotations" / f"captions_{split}.json").unlink(missing_ok=True)
-    params = _params(n_train, n_val, level, seed, image_size)
+    params = _params(n_train, n_val, level, seed, image_size, holdout)
     with tqdm(total=n_train + n_val, desc=f"shapes level {level}", unit="img") as bar:
         _write_split(out, "train", n_train, params, 1, bar)
         _write_split(out, "val", n_val, params, 1_000_001, bar)
@@ -434,14 +529,15 @@ def _written_params(root: Path) -> dict[str, Any] | None:
 
 
 def ensure_shapes(
-    root: str | Path, n_train: int, n_val: int, level: int = 4, seed: int = 0, image_size: int = 64
+    root: str | Path, n_train: int, n_val: int, level: int = 4, seed: int = 0, image_size: int = 64,
+    holdout: str | None = None,
 ) -> Path:
     """The shapes data set at `root`: reused when already written with these parameters, else (re)generated.
 
     Taught in notebooks/00_setup.ipynb.
     """
-    _check_params(n_train, n_val, level, image_size)
+    _check_params(n_train, n_val, level, image_size, holdout)
     root = Path(root)
-    if _written_params(root) == _params(n_train, n_val, level, seed, image_size):
+    if _written_params(root) == _params(n_train, n_val, level, seed, image_size, holdout):
         return root
-    return write_shapes(root, n_train, n_val, level, seed, image_size)
+    return write_shapes(root, n_train, n_val, level, seed, image_size, holdout)
