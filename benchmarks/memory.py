@@ -1,6 +1,6 @@
 """Peak resident memory of training and of preparing the cache, each measured in its own process.
 
-Taught in notebooks/05_coco_data.ipynb (the cache) and notebooks/06_coco_training.ipynb (training).
+Taught in notebooks/06_coco_data.ipynb (the cache) and notebooks/07_coco_training.ipynb (training).
 
     python benchmarks/memory.py                          # train on coco-mini; prepare 1000 and 5000
     python benchmarks/memory.py --train-steps 5 --prepare-images 500 5000

@@ -1,6 +1,6 @@
 """How fast the preprocessing cache is built, and what it buys when training reads data.
 
-Taught in notebooks/05_coco_data.ipynb.
+Taught in notebooks/06_coco_data.ipynb.
 
     python benchmarks/prepare_throughput.py --root ../shared/data/coco-mini --repeat 3
 

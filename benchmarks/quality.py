@@ -1,6 +1,6 @@
 """Quality benchmark: fusions trained on the shapes data with the `cpu` preset, over seeds, then compared.
 
-Taught in notebooks/07_evaluation.ipynb.
+Taught in notebooks/08_evaluation.ipynb.
 
     python benchmarks/quality.py --seeds 0 1 2                        # level 4, the four fusions
     python benchmarks/quality.py --seeds 0 1 2 --level 5 --out runs/quality-L5

@@ -1,6 +1,6 @@
 """Training throughput, naive vs course pipeline, side by side: the command line over mvae_course.throughput.
 
-Taught in notebooks/06_coco_training.ipynb.
+Taught in notebooks/07_coco_training.ipynb.
 
     python benchmarks/train_throughput.py                          # coco-mini + synthetic COCO-sized, CPU
     python benchmarks/train_throughput.py --extra compile          # one more lever on top of the course's

@@ -1,6 +1,6 @@
 """Checkpoints: written atomically, read safely, checked against the config that wants them.
 
-Taught in notebooks/06_coco_training.ipynb.
+Taught in notebooks/07_coco_training.ipynb.
 
 A checkpoint is one `torch.save`d dict of tensors and plain Python values (no pickled classes), so it
 loads with `torch.load(..., weights_only=True)`. It holds everything a run needs to continue exactly
@@ -31,7 +31,7 @@ RESUMABLE_CHANGES = {"on_bad_entry", "on_bad_image"}  # data keys a continuation
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: unreadable, incomplete, or written for another config.
 
-    The message names the file, what is wrong and what to do. Taught in notebooks/06_coco_training.ipynb.
+    The message names the file, what is wrong and what to do. Taught in notebooks/07_coco_training.ipynb.
     """
 
     def __init__(self, path: str | Path, problem: str, fix: str):
@@ -44,7 +44,7 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
 
     The bytes go to a temporary file in the same folder, are flushed to disk, and only then renamed
     over `path` (`atomic.atomic_write`). Temporary files left by writers that were killed mid-save are
-    removed first. Taught in notebooks/06_coco_training.ipynb.
+    removed first. Taught in notebooks/07_coco_training.ipynb.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -57,7 +57,7 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint with `weights_only=True`; a missing, corrupt or incomplete file: `CheckpointError`.
 
-    Taught in notebooks/06_coco_training.ipynb.
+    Taught in notebooks/07_coco_training.ipynb.
     """
     path = Path(path)
     if not path.is_file():
@@ -91,7 +91,7 @@ def check_compatible(saved: dict[str, Any], wanted: dict[str, Any], path: str | 
     (`data.on_bad_*`), which decides whether a run stops, not what it trains on. A key the saved config
     lacks was added to the package after the run began, and its default keeps the old behaviour, so it is
     not compared.
-    Taught in notebooks/06_coco_training.ipynb.
+    Taught in notebooks/07_coco_training.ipynb.
     """
     diffs = [
         f"{section}.{key}: checkpoint has {saved[section][key]!r}, config has {value!r}"

@@ -1,6 +1,6 @@
 """The fusion comparison: every fusion trained with the same budget and seeds, evaluated, tabulated.
 
-Taught in notebooks/07_evaluation.ipynb.
+Taught in notebooks/08_evaluation.ipynb.
 
 `compare(...)` trains one run per fusion and seed under `out/seed<seed>/<fusion>` (a finished run is
 reused, an interrupted one resumed, an evaluation already saved for the same checkpoint read back), so
@@ -100,7 +100,7 @@ def _columns(dataset: str) -> tuple[tuple[str, str], ...]:
 def comparison_table(results: Mapping[str, Mapping[str, Any]], dataset: str) -> list[dict[str, Any]]:
     """One row per fusion: {"fusion", then the headline metrics} from each run's `evaluate_run` output.
 
-    Taught in notebooks/07_evaluation.ipynb.
+    Taught in notebooks/08_evaluation.ipynb.
     """
     rows = []
     for fusion, metrics in results.items():
@@ -195,7 +195,7 @@ def compare(data: str = "shapes", level: int = 4, fusions: Sequence[str] = FUSIO
     the first n validation images; `holdout` (shapes) keeps attribute combinations out of training;
     `protocols` are the coherence protocols each run is evaluated with (`evaluate_run`), `judge_steps`
     the CNN judge's training steps.
-    Taught in notebooks/07_evaluation.ipynb.
+    Taught in notebooks/08_evaluation.ipynb.
     """
     unknown = [f for f in fusions if f not in FUSIONS]
     if unknown or not fusions:

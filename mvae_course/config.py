@@ -1,6 +1,6 @@
 """Configuration as plain dataclasses, with named presets.
 
-Taught in notebooks/00_setup.ipynb (presets) and notebooks/06_coco_training.ipynb (the GPU preset).
+Taught in notebooks/00_setup.ipynb (presets) and notebooks/07_coco_training.ipynb (the GPU preset).
 
 A `Config` holds three parts: what data to read (`DataConfig`), what network to build (`ModelConfig`)
 and how to train it (`TrainConfig`). A copy is saved next to every checkpoint, so a checkpoint knows how

@@ -1,6 +1,6 @@
 """Measuring a trained multimodal VAE: coherence, retrieval, caption metrics and likelihoods.
 
-Taught in notebooks/07_evaluation.ipynb.
+Taught in notebooks/08_evaluation.ipynb.
 
 A multimodal VAE is good when (i) what it generates in one modality agrees with what it was given in
 the other (cross-modal coherence), (ii) its latent space puts an image near its captions (retrieval),
@@ -196,7 +196,7 @@ def coherence(model: MultimodalVAE, tokenizer: CaptionTokenizer, cache: CaptionC
     `protocol` says which z, image and caption (`Protocol`), and is returned as "protocol"; "ci" holds a
     bootstrap 95% interval for every figure (same keys, resampling items), "chance" the accuracy of
     uniform guessing, "items" how many items each figure averages. Sampling is seeded by `seed`.
-    Taught in notebooks/07_evaluation.ipynb.
+    Taught in notebooks/08_evaluation.ipynb.
     """
     if cache.attributes is None:
         raise ValueError("coherence needs per-image attributes: evaluate on the shapes data")
@@ -276,7 +276,7 @@ def retrieval(model: MultimodalVAE, cache: CaptionCache, batch_size: int = 256, 
     caption is a hit if its image does. With at least `min_images_for_folds` images, the standard COCO
     "1k" protocol: the average over folds of `fold_size` images (and their captions); else the whole split.
     "ci" holds bootstrap 95% intervals, resampling the queries (of every fold together).
-    Taught in notebooks/07_evaluation.ipynb.
+    Taught in notebooks/08_evaluation.ipynb.
     """
     device = _device_of(model)
     z_image = torch.cat([model.embed(image=x).float().cpu() for x in _image_batches(cache, batch_size, device)])
@@ -319,7 +319,7 @@ def log_likelihoods(model: MultimodalVAE, cache: CaptionCache, k: int = 16, batc
     One caption per image. Returns the means per sample in nats (`log_p_image`, `log_p_text`,
     `log_p_joint`), and the negated image term in nats per dimension (`image_nats_per_dim`, over the
     3 H W pixels) and the negated text term in bits per token (`text_bits_per_token`, EOS included).
-    Taught in notebooks/07_evaluation.ipynb.
+    Taught in notebooks/08_evaluation.ipynb.
     """
     device = _device_of(model)
     sums: dict[str, float] = {}
@@ -344,7 +344,7 @@ def captions_report(model: MultimodalVAE, tokenizer: CaptionTokenizer, cache: Ca
 
     References are the image's captions, normalised as BERT's tokenizer sees them (lowercase, split
     punctuation) so that they compare like for like with the decoded hypotheses.
-    Returns (metrics, hypotheses, references). Taught in notebooks/07_evaluation.ipynb.
+    Returns (metrics, hypotheses, references). Taught in notebooks/08_evaluation.ipynb.
     """
     hyps = generate_captions(model, tokenizer, cache, batch_size)
     refs = [[normalise(c) for c in caps] for caps in image_captions(cache, list(range(len(cache))))]
@@ -475,7 +475,7 @@ def evaluate_run(run_dir: str | Path, split: str = "val", device: str | torch.de
     "protocol" says how each figure was drawn. `n` limits the evaluation to the split's first n images;
     `data_dir` is where the run's data and caches are (default: run_dir/data if present, else ./data).
     With `reuse`, a `metrics_<split>.json` computed by this version with the same options from the same
-    checkpoint is read back instead. Taught in notebooks/07_evaluation.ipynb.
+    checkpoint is read back instead. Taught in notebooks/08_evaluation.ipynb.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

@@ -1,6 +1,6 @@
 """A judge of generated images on the shapes data: a small CNN that reads an image's attributes.
 
-Taught in notebooks/07_evaluation.ipynb.
+Taught in notebooks/08_evaluation.ipynb.
 
 Captions are judged exactly (`data.shapes.parse_caption`); images need a reader. The judge is trained
 once per data set on the real training images, saved beside the caches, and reports its own accuracy on
@@ -171,7 +171,7 @@ def load_or_train_classifier(train_cache: CaptionCache, val_cache: CaptionCache,
     the real validation images (per attribute and strict): a fair judge must be close to 100% there
     (`judge_accuracy` gives it on degraded copies too). The file is written atomically, and one that is
     truncated, corrupt or from another version of the judge is replaced by a newly trained one.
-    Taught in notebooks/07_evaluation.ipynb.
+    Taught in notebooks/08_evaluation.ipynb.
     """
     for name, cache in (("training", train_cache), ("validation", val_cache)):
         if cache.attributes is None:

@@ -1,7 +1,7 @@
 """Pure metrics: retrieval recall, attribute accuracy and its chance level, bootstrap intervals, caption
 BLEU/chrF, similarity.
 
-Taught in notebooks/07_evaluation.ipynb.
+Taught in notebooks/08_evaluation.ipynb.
 
 Each function takes plain tensors, lists and strings (no model, no data set), so each can be checked on
 inputs small enough to work out by hand. Every figure that is a mean over items (images, captions,
@@ -60,7 +60,7 @@ def recall_at_k(sim: Tensor, gt: Sequence[int | Iterable[int]], ks: Sequence[int
     Ties count against the query, so a collapsed latent space (every candidate equally close) scores worst,
     not best. Returns {"R@1", "R@5", "R@10" (fractions in [0, 1]), "median_rank"}.
 
-    Taught in notebooks/07_evaluation.ipynb.
+    Taught in notebooks/08_evaluation.ipynb.
     """
     rank = query_ranks(sim, gt)
     out = {f"R@{k}": (rank <= k).float().mean().item() for k in ks}
@@ -129,7 +129,7 @@ def chance_accuracy(attributes: Sequence[str], values: Mapping[str, Sequence] | 
     """Accuracy of guessing uniformly at random: 1 / (number of values), and for `strict` their product,
     times the number of orders the objects can be matched in (two objects: 2, as strict is order-free).
 
-    Taught in notebooks/07_evaluation.ipynb.
+    Taught in notebooks/08_evaluation.ipynb.
     """
     values = ATTRIBUTE_VALUES if values is None else values
     out = {a: 1.0 / len(values[a]) for a in attributes}
@@ -164,7 +164,7 @@ def caption_metrics(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> dict[
     """Corpus BLEU-4 and chrF (sacrebleu, 0-100) of generated captions against up to five references each.
 
     hyps: N captions. refs: N lists of reference captions (they may differ in length).
-    Taught in notebooks/07_evaluation.ipynb.
+    Taught in notebooks/08_evaluation.ipynb.
     """
     if len(hyps) != len(refs) or not hyps:
         raise ValueError(f"caption_metrics needs one reference list per hypothesis: {len(hyps)} vs {len(refs)}")
@@ -201,7 +201,7 @@ def semantic_similarity(hyps: Sequence[str], refs: Sequence[str | Sequence[str]]
     """Mean cosine similarity between each generated caption and its references, in sentence-embedding space.
 
     hyps: N captions; refs: N references, or N lists of references (averaged per item first).
-    Taught in notebooks/07_evaluation.ipynb.
+    Taught in notebooks/08_evaluation.ipynb.
     """
     if len(hyps) != len(refs) or not hyps:
         raise ValueError(f"semantic_similarity needs one reference (list) per hypothesis: {len(hyps)} vs {len(refs)}")

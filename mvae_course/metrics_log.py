@@ -1,6 +1,6 @@
 """A run's training log: rows of `metrics.csv` (one per logged step and split), mirrored to TensorBoard.
 
-Taught in notebooks/06_coco_training.ipynb (and read back in every lesson that plots a training curve).
+Taught in notebooks/07_coco_training.ipynb (and read back in every lesson that plots a training curve).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ class MetricsLog:
 def read_metrics(run_dir: str | Path, split: str | None = None) -> list[dict[str, Any]]:
     """The rows of a run's `metrics.csv` (numbers as floats, empty cells left out), optionally of one split.
 
-    Taught in notebooks/06_coco_training.ipynb.
+    Taught in notebooks/07_coco_training.ipynb.
     """
     path = Path(run_dir) / "metrics.csv" if Path(run_dir).is_dir() else Path(run_dir)
     if not path.is_file():

@@ -1,6 +1,6 @@
 """Figures for training curves, samples, cross-modal generation, latent spaces and fusion comparisons.
 
-Taught in notebooks/07_evaluation.ipynb (and used from notebooks/02_image_vae.ipynb onwards).
+Taught in notebooks/08_evaluation.ipynb (and used from notebooks/02_image_vae.ipynb onwards).
 
 Every function returns a matplotlib `Figure` with a title, axis labels and, where there are several
 series, a legend; none calls `plt.show()`, so the same code works in a notebook and on a headless server.
@@ -146,7 +146,7 @@ def plot_cross_modal(images: Tensor, captions_true: Sequence[str], captions_gene
     """Inputs beside outputs: each row shows an image, its caption, the caption generated from the image,
     and the image generated from the caption.
 
-    images, generated_images: B x 3 x H x W in [0, 1]. Taught in notebooks/07_evaluation.ipynb.
+    images, generated_images: B x 3 x H x W in [0, 1]. Taught in notebooks/08_evaluation.ipynb.
     """
     b = images.shape[0]
     if not (len(captions_true) == len(captions_generated) == generated_images.shape[0] == b):
@@ -199,7 +199,7 @@ def plot_comparison(table: Mapping[str, Mapping[str, float]] | Sequence[Mapping[
 
     `table` is {fusion: {metric: value}} or a list of row dicts with a `fusion` key. `intervals`
     ({fusion: {metric: (lo, hi)}}) are drawn as error bars; `chance` ({metric: value}) as a dashed line.
-    Taught in notebooks/07_evaluation.ipynb.
+    Taught in notebooks/08_evaluation.ipynb.
     """
     names, rows = _comparison_columns(table)
     if not names:
@@ -245,7 +245,7 @@ def plot_latent_2d(z: Tensor, labels: Sequence[Any] | None = None, label_name: s
                    title: str = "Latent space (PCA)") -> Figure:
     """Project latent means (N x D) to 2-D with PCA (`torch.pca_lowrank`), one colour per label value.
 
-    Taught in notebooks/07_evaluation.ipynb.
+    Taught in notebooks/08_evaluation.ipynb.
     """
     if z.dim() != 2 or z.shape[0] < 2:
         raise ValueError(f"z must be N x D with N >= 2, got shape {tuple(z.shape)}")

@@ -1,6 +1,6 @@
 """Trained runs on disk: rebuilding a model from its run folder, exporting it, and "load if present, else train".
 
-Taught in notebooks/07_evaluation.ipynb (loading a run) and used by every lesson that trains.
+Taught in notebooks/08_evaluation.ipynb (loading a run) and used by every lesson that trains.
 
 A run folder holds training checkpoints (`last.pt`, `best.pt`: weights, optimiser, random states). An
 exported folder holds only what inference needs, in files that load without pickle: `model.safetensors`,

@@ -1,6 +1,6 @@
 """Training throughput: the pipeline a first attempt would write, the course's, and each lever between them.
 
-Taught in notebooks/06_coco_training.ipynb.
+Taught in notebooks/07_coco_training.ipynb.
 
 The naive pipeline decodes every JPEG with PIL on every access (torchvision's `CocoCaptions` with
 Resize / CenterCrop / ToTensor and a `DataLoader`), tokenises with BERT's full 30522-entry vocabulary,
@@ -69,7 +69,7 @@ MAX_TOKENS = 32  # the naive pipeline pads (and truncates) every caption to this
 class Levers:
     """Which speed-ups a pipeline uses; all False is the naive pipeline.
 
-    Taught in notebooks/06_coco_training.ipynb
+    Taught in notebooks/07_coco_training.ipynb
     """
 
     cache: bool = False
@@ -93,7 +93,7 @@ LEVERS = tuple(f.name for f in dataclasses.fields(Levers))
 def lever_ladder(extra: Iterable[str] = ()) -> list[tuple[str, Levers]]:
     """Naive, then one lever added at a time up to the course pipeline, then each of `extra` on top.
 
-    Taught in notebooks/06_coco_training.ipynb
+    Taught in notebooks/07_coco_training.ipynb
 
     Returns [(name, levers)]: ("naive", NAIVE), ("+ cache", ...), ..., ("+ bf16", COURSE), then the extras.
     """
@@ -109,7 +109,7 @@ def lever_ladder(extra: Iterable[str] = ()) -> list[tuple[str, Levers]]:
 def benchmark_model_config(vocab_size: int) -> ModelConfig:
     """The coco_gpu preset's networks (conv 32-64-128 at 64 x 64, emb 300, bi-GRU 512, GRU 512, z 64).
 
-    Taught in notebooks/06_coco_training.ipynb
+    Taught in notebooks/07_coco_training.ipynb
 
     Word dropout is off: the naive pipeline's BERT ids have other special ids, and it costs nothing.
     """
@@ -199,7 +199,7 @@ def load_train_data(root: str | Path, split: str, work_dir: str | Path, image_si
                     min_count: int = 1) -> TrainData:
     """Fit the compact tokenizer on the split's captions and build (or reuse) its cache under `work_dir`.
 
-    Taught in notebooks/06_coco_training.ipynb
+    Taught in notebooks/07_coco_training.ipynb
     """
     root = Path(root)
     tokenizer = CaptionTokenizer.fit(read_captions(root, split), min_count=min_count)
@@ -263,7 +263,7 @@ def build_pipeline(levers: Levers, data: TrainData, batch_size: int = 64, device
                    seed: int = 0, name: str = "") -> Pipeline:
     """The pipeline `levers` describe, on `data`, with the benchmark's networks (or `model_config`'s).
 
-    Taught in notebooks/06_coco_training.ipynb
+    Taught in notebooks/07_coco_training.ipynb
 
     Both loaders drop the last partial batch, so every step trains on exactly `batch_size` samples.
     """
@@ -379,7 +379,7 @@ class Comparison:
 def compare(pipelines: list[Pipeline], rounds: int = 3, steps: int = 2, warmup: int = 1) -> list[Comparison]:
     """Time the pipelines in turn, A B C A B C ..., `steps` steps each per round, after `warmup` each.
 
-    Taught in notebooks/06_coco_training.ipynb
+    Taught in notebooks/07_coco_training.ipynb
 
     Alternating spreads a change in the machine's load over every pipeline instead of one.
     """
@@ -401,7 +401,7 @@ def format_table(results: list[Comparison], baseline: str | None = None) -> str:
     """A Markdown table: samples/s, the spread over rounds, the speed-up over `baseline` (the first) and the
     wall seconds of the warm-up steps.
 
-    Taught in notebooks/06_coco_training.ipynb
+    Taught in notebooks/07_coco_training.ipynb
     """
     base = next(r for r in results if r.name == (baseline or results[0].name)).samples_per_s
     lines = ["| pipeline | samples/s | rounds (min - max) | x naive | warm-up s |", "|---|---:|---:|---:|---:|"]
@@ -420,7 +420,7 @@ def gpu_epoch_check(device: str | torch.device = "cuda", steps: int = 100, warmu
                     smoke: bool = False) -> dict[str, float]:
     """Train the coco_gpu preset (bf16 autocast, the cache on the device) on a COCO-sized synthetic cache.
 
-    Taught in notebooks/06_coco_training.ipynb
+    Taught in notebooks/07_coco_training.ipynb
 
     Returns samples/s, the precision, peak device memory (GiB; 0 off CUDA) and the projected minutes for
     one epoch of images (118k, what `CacheLoader` serves per epoch) and of all 591k caption pairs. `smoke`:

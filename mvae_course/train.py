@@ -1,6 +1,6 @@
 """The training loop: one plain PyTorch loop, readable top to bottom.
 
-Taught in notebooks/06_coco_training.ipynb (the loop, checkpoints, multi-GPU).
+Taught in notebooks/07_coco_training.ipynb (the loop, checkpoints, multi-GPU).
 
 `train(config, out_dir)` prepares the data (generating the shapes set when needed), builds the model, and
 runs AdamW with gradient clipping, a linear-then-cosine learning-rate schedule and a KL warm-up, under bf16
@@ -106,7 +106,7 @@ def kl_beta(step: int, warmup: int) -> float:
 def lr_factor(step: int, warmup: int, total: int) -> float:
     """Multiplier of the base learning rate: linear warm-up to 1, then cosine decay to 0 at `total`.
 
-    Taught in notebooks/06_coco_training.ipynb.
+    Taught in notebooks/07_coco_training.ipynb.
     """
     if step < warmup:
         return (step + 1) / warmup
@@ -336,7 +336,7 @@ def train(
     `CheckpointError` when resuming from a checkpoint of another config. Ctrl-C (KeyboardInterrupt) and
     SIGTERM (`Terminated`) let the step finish and save `last.pt` first.
 
-    Taught in notebooks/06_coco_training.ipynb.
+    Taught in notebooks/07_coco_training.ipynb.
     """
     start = time.perf_counter()
     cfg = Config.from_dict(config.to_dict())  # a private copy: vocab_size is filled in below

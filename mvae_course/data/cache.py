@@ -1,6 +1,6 @@
 """The preprocessing cache: every image decoded once, every caption tokenised once; what training reads.
 
-Taught in notebooks/05_coco_data.ipynb.
+Taught in notebooks/06_coco_data.ipynb.
 
 Decoding a JPEG costs milliseconds; a training step on a GPU costs less. So `prepare_cache` decodes
 each image of a split once (in worker processes, with the geometry of `coco.load_image`), and stores
@@ -80,7 +80,7 @@ class CacheError(ValueError):
 class StaleCacheError(CacheError):
     """A cache built from other source files, another image size or another tokenizer.
 
-    Taught in notebooks/05_coco_data.ipynb.
+    Taught in notebooks/06_coco_data.ipynb.
     """
 
 
@@ -110,7 +110,7 @@ def cache_key(
 ) -> dict[str, Any]:
     """What a cache must have been built from to be reused: compared key by key by `load_cache(expect=...)`.
 
-    Taught in notebooks/05_coco_data.ipynb.
+    Taught in notebooks/06_coco_data.ipynb.
 
     The annotation file counts by content (sha256): touching it changes nothing, editing it does.
     """
@@ -204,7 +204,7 @@ def prepare_cache(
 ) -> Path:
     """Decode, resize and tokenise one split into the cache folder `out`, atomically; returns `out`.
 
-    Taught in notebooks/05_coco_data.ipynb.
+    Taught in notebooks/06_coco_data.ipynb.
 
     `tokenizer`: a fitted `CaptionTokenizer` (fit it on the train split's `read_captions`); without one
     only images and raw captions are stored. `on_bad_entry="skip"` leaves bad annotation entries out
@@ -299,7 +299,7 @@ def _build(
 def read_meta(path: str | Path) -> dict[str, Any]:
     """The metadata of a cache folder; `CacheError` when there is no complete cache there.
 
-    Taught in notebooks/05_coco_data.ipynb.
+    Taught in notebooks/06_coco_data.ipynb.
     """
     path = Path(path)
     try:
@@ -367,7 +367,7 @@ class CaptionCache:
 def load_cache(path: str | Path, expect: dict[str, Any] | None = None) -> CaptionCache:
     """Open a cache folder (memory-mapped); `StaleCacheError` if any key of `expect` differs from its meta.
 
-    Taught in notebooks/05_coco_data.ipynb.
+    Taught in notebooks/06_coco_data.ipynb.
     """
     path = Path(path)
     meta = read_meta(path)
@@ -397,7 +397,7 @@ def ensure_cache(
 ) -> CaptionCache:
     """Load the cache at `out` if it was built from these files and parameters, else (re)build it.
 
-    Taught in notebooks/05_coco_data.ipynb.
+    Taught in notebooks/06_coco_data.ipynb.
 
     Several processes may call it at once: one builds, the others wait and then load what it built.
     The `on_bad_*` choices only matter when it builds (meta.json says what was left out).
@@ -434,7 +434,7 @@ def ensure_cache(
 class CacheLoader:
     """Batches straight from a `CaptionCache` with tensor indexing: no per-sample Python, any device.
 
-    Taught in notebooks/05_coco_data.ipynb.
+    Taught in notebooks/06_coco_data.ipynb.
 
     `captions="random"`: every image once per epoch with one of its captions drawn at random;
     `captions="all"`: every caption once (images repeat), for evaluation. Shuffles and caption draws
@@ -534,7 +534,7 @@ class CacheLoader:
 def image_captions(cache: CaptionCache, rows: Sequence[int]) -> list[list[str]]:
     """All raw captions of some images (rows of `cache.images`): the references for BLEU.
 
-    Taught in notebooks/07_evaluation.ipynb.
+    Taught in notebooks/08_evaluation.ipynb.
     """
     first = torch.searchsorted(cache.caption_image.cpu(), torch.as_tensor(rows), side="left")
     last = torch.searchsorted(cache.caption_image.cpu(), torch.as_tensor(rows), side="right")

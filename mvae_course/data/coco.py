@@ -1,6 +1,6 @@
 """MS-COCO captions: the reference reader, built on pycocotools and PIL.
 
-Taught in notebooks/05_coco_data.ipynb.
+Taught in notebooks/06_coco_data.ipynb.
 
 A COCO folder is laid out as
 
@@ -49,14 +49,14 @@ LAYOUT_HELP = (
 class CocoDataError(ValueError):
     """A COCO folder, annotation file or image that cannot be read; the message names the file.
 
-    Taught in notebooks/05_coco_data.ipynb.
+    Taught in notebooks/06_coco_data.ipynb.
     """
 
 
 def annotation_path(root: str | Path, split: str) -> Path:
     """Where the caption annotations of `split` live: `root/annotations/captions_<split>.json`.
 
-    Taught in notebooks/05_coco_data.ipynb.
+    Taught in notebooks/06_coco_data.ipynb.
     """
     return Path(root) / "annotations" / f"captions_{split}.json"
 
@@ -198,7 +198,7 @@ def index_coco(data: dict[str, Any]) -> COCO:
 def load_coco(root: str | Path, split: str, on_bad_entry: str = "raise") -> COCO:
     """The validated, indexed caption annotations of one split, as a pycocotools `COCO` object.
 
-    Taught in notebooks/05_coco_data.ipynb.
+    Taught in notebooks/06_coco_data.ipynb.
     """
     return index_coco(read_annotations(root, split, on_bad_entry)[0])
 
@@ -206,7 +206,7 @@ def load_coco(root: str | Path, split: str, on_bad_entry: str = "raise") -> COCO
 def read_captions(root: str | Path, split: str, on_bad_entry: str = "raise") -> list[str]:
     """Every caption of a split, in annotation order: what a tokenizer is fitted on.
 
-    Taught in notebooks/05_coco_data.ipynb.
+    Taught in notebooks/06_coco_data.ipynb.
     """
     return [ann["caption"] for ann in read_annotations(root, split, on_bad_entry)[0]["annotations"]]
 
@@ -236,7 +236,7 @@ def resize_center_crop(img: Image.Image, image_size: int) -> Image.Image:
 def load_image(path: str | Path, image_size: int) -> Image.Image:
     """Decode one image file to an RGB `image_size x image_size` PIL image; `CocoDataError` if unreadable.
 
-    Taught in notebooks/05_coco_data.ipynb.
+    Taught in notebooks/06_coco_data.ipynb.
 
     Images larger than PIL's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`, about 89 M
     pixels) are refused too: a 20000 x 20000 PNG of a few kilobytes would otherwise take gigabytes.
@@ -268,7 +268,7 @@ def image_to_tensor(img: Image.Image) -> torch.Tensor:
 class CocoCaptionDataset(Dataset):
     """Image-caption pairs from a COCO folder, decoding each image on access.
 
-    Taught in notebooks/05_coco_data.ipynb.
+    Taught in notebooks/06_coco_data.ipynb.
 
     `caption_mode="random"`: one item per image; each access draws one of its captions, reproducibly
     from (`seed`, epoch set by `set_epoch`, image id). `caption_mode="all"`: one item per caption

@@ -1,6 +1,6 @@
 """A run's data made ready: the shapes set generated if needed, the tokenizer fitted, both caches built.
 
-Taught in notebooks/05_coco_data.ipynb.
+Taught in notebooks/06_coco_data.ipynb.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def prepare_data(
 
     Returns `(tokenizer, train_cache, val_cache)`; a `tokenizer` passed in (from a checkpoint) is kept.
     `build=False` only reads what another process (rank 0 under DDP) has already written.
-    Taught in notebooks/05_coco_data.ipynb.
+    Taught in notebooks/06_coco_data.ipynb.
     """
     data = config.data
     if data.dataset not in ("shapes", "coco"):

@@ -103,7 +103,7 @@ _VERTICAL = {"top": ("top", "upper"), "bottom": ("bottom", "lower")}
 def attributes_at_level(level: int) -> tuple[str, ...]:
     """The attributes that vary (and that captions mention) at a level, e.g. level 3 -> shape, size, colour.
 
-    Taught in notebooks/07_evaluation.ipynb.
+    Taught in notebooks/08_evaluation.ipynb.
     """
     _check_level(level)
     if level == 5:
@@ -403,7 +403,7 @@ def parse_caption(text: str, level: int | None = None) -> dict[str, str | None] 
     caption describes one object). Without it, the dict has the four single-object keys, plus the
     four "2" keys when the caption describes a second object. Returns None when nothing is read.
 
-    Taught in notebooks/07_evaluation.ipynb.
+    Taught in notebooks/08_evaluation.ipynb.
     """
     if level is not None:
         _check_level(level)

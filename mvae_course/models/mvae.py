@@ -1,6 +1,6 @@
 """The multimodal VAE over images and captions: one latent z, two encoders, two decoders, five fusions.
 
-Taught in notebooks/04_fusion.ipynb (and trained on COCO in 06_coco_training, evaluated in 07_evaluation).
+Taught in notebooks/04_fusion.ipynb (and trained on COCO in 07_coco_training, evaluated in 08_evaluation).
 
 The generative model is p(z) p(image | z) p(text | z) with p(z) = N(0, I). Each modality's encoder gives
 an "expert" q(z | x_m); `config.fusion` says how the experts make the posterior and how it is trained:
@@ -212,7 +212,7 @@ class MultimodalVAE(nn.Module):
     ) -> Tensor:
         """The posterior mean E[z | modalities passed], B x z_dim (for retrieval and latent plots).
 
-        Taught in notebooks/07_evaluation.ipynb
+        Taught in notebooks/08_evaluation.ipynb
 
         For a mixture posterior the mean is the average of its components' means. For mmvaeplus: the
         shared z only (the private latents say nothing the other modality shares).
