@@ -10,6 +10,7 @@ import math
 import torch
 from torch import Tensor
 
+from mvae_course.config import preset
 from mvae_course.grading.diagnosis import DiagnosisJudge, curve, diverge, run_folder, shuffled, uniform
 from mvae_course.grading.question import Case, Question, ReferenceJudge, case
 
@@ -38,9 +39,12 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 def _schedule_cases(g: torch.Generator) -> list[Case]:
     n = int(torch.randint(2_000, 50_000, (), generator=g))
     short = 30 * (n // 2 // 64) // int(torch.randint(2, 6, (), generator=g))
+    gpu = preset("coco_gpu").train  # the preset lesson 07 shows, so the question follows it
     return [
-        case(COCO_TRAIN_IMAGES, 256, 1, 20, 10_000, label="the coco_gpu preset on full COCO, one GPU"),
-        case(COCO_TRAIN_IMAGES, 256, 4, 20, 10_000, label="the same command under torchrun on 4 GPUs"),
+        case(COCO_TRAIN_IMAGES, gpu.batch_size, 1, gpu.epochs, gpu.kl_warmup_steps,
+             label="the coco_gpu preset on full COCO, one GPU"),
+        case(COCO_TRAIN_IMAGES, gpu.batch_size, 4, gpu.epochs, gpu.kl_warmup_steps,
+             label="the same command under torchrun on 4 GPUs"),
         case(n, 64, 2, 30, short, label="a warm-up shorter than the run"),
         case(int(torch.randint(1_000, 9_000, (), generator=g)), 96, 1, 3, 5_000),
     ]
@@ -172,6 +176,7 @@ TRAINING_REMEDIES = ("none", "shorten_kl_warmup", "stop_earlier_or_more_data", "
 
 def _training_run(g: torch.Generator, failure: str) -> dict:
     n, every = 50, 100  # logged rows, steps between them
+    per_epoch = COCO_TRAIN_IMAGES // 256  # steps per epoch of the coco_gpu preset's batch on one GPU
     steps = [every * (i + 1) for i in range(n)]
     total = steps[-1]
     warm = int(total * uniform(g, 1.05, 1.3)) if failure == "warmup_never_ends" else int(total * uniform(g, 0.1, 0.3))
@@ -191,10 +196,10 @@ def _training_run(g: torch.Generator, failure: str) -> dict:
         rec_text = -uniform(g, 25, 35)
         kl = uniform(g, 20, 40)
         terms = {"loss": train_loss[i], "rec_image": -train_loss[i] - rec_text + kl, "rec_text": rec_text, "kl": kl}
-        rows.append({"step": s, "epoch": s // 462, "split": "train", **terms, "lr": 1e-3 * lr_factor(s, 100, total),
+        rows.append({"step": s, "epoch": s // per_epoch, "split": "train", **terms, "lr": 1e-3 * lr_factor(s, 100, total),
                      "beta": beta[i], "samples_per_s": uniform(g, 2500, 3500)})
         if i % 5 == 4:
-            rows.append({"step": s, "epoch": s // 462, "split": "val", **terms, "loss": val_loss[i]})
+            rows.append({"step": s, "epoch": s // per_epoch, "split": "val", **terms, "loss": val_loss[i]})
     config = {"name": "coco_gpu", "train": {"batch_size": 256, "lr": 1e-3, "kl_warmup_steps": warm,
                                             "max_steps": total, "epochs": None}}
     return run_folder(rows, config)
