@@ -1,5 +1,5 @@
-"""Pure metrics: retrieval recall, attribute accuracy and its chance level, bootstrap intervals, caption
-BLEU/chrF, similarity.
+"""Pure metrics: retrieval recall, attribute accuracy and its chance level, bootstrap intervals, active
+units, image sharpness, caption BLEU/chrF, similarity.
 
 Taught in notebooks/08_evaluation.ipynb.
 
@@ -158,6 +158,33 @@ def bootstrap_ci(values: Sequence[float] | Tensor, n_boot: int = 1000, level: fl
     stats = resampled.mean(1) if statistic == "mean" else resampled.median(1).values
     lo, hi = torch.quantile(stats, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64))
     return lo.item(), hi.item()
+
+
+def active_units(mu: Tensor, threshold: float = 0.01) -> Tensor:
+    """Which latent dimensions are active, as Burda, Grosse and Salakhutdinov (2016) define it: D bool.
+
+    mu: N x D, the posterior means E_q[z | x] over N data points. Dimension j is active when
+    Var_x(E_q[z_j | x]) > `threshold` (their 0.01): when where q puts z_j depends on x. A dimension whose
+    posterior is the prior for every x has variance 0 however small its KL looks on average; a collapsed
+    posterior has no active unit.
+    """
+    if mu.dim() != 2 or mu.shape[0] < 2:
+        raise ValueError(f"mu must be N x D with N >= 2, got shape {tuple(mu.shape)}")
+    return mu.double().var(dim=0) > threshold
+
+
+def sharpness(images: Tensor) -> Tensor:
+    """How sharp each image is: the variance of its discrete Laplacian (grey levels), B.
+
+    images: B x C x H x W in [0, 1]. An edge makes the Laplacian large on either side of it; a blur spreads
+    the same edge over several pixels and shrinks it, so blurrier drawings of the same scene score lower.
+    """
+    if images.dim() != 4:
+        raise ValueError(f"images must be B x C x H x W, got shape {tuple(images.shape)}")
+    grey = images.double().mean(dim=1, keepdim=True)  # B x 1 x H x W
+    kernel = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], dtype=grey.dtype)
+    laplacian = torch.nn.functional.conv2d(grey, kernel.view(1, 1, 3, 3))  # B x 1 x (H-2) x (W-2)
+    return laplacian.flatten(1).var(dim=1)
 
 
 def caption_metrics(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> dict[str, float]:

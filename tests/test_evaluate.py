@@ -350,3 +350,28 @@ def test_comparison_plot_draws_intervals_and_chance():
     assert chance.get_ydata()[0] == pytest.approx(1 / 240)
     assert not [c for c in bleu.containers if isinstance(c, ErrorbarContainer)]
     assert not [line for line in bleu.lines if line.get_linestyle() == "--"]
+
+
+def test_active_units_count_dimensions_whose_posterior_mean_moves_with_x():
+    from mvae_course.metrics import active_units
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 1, generator=g)
+    # dim 0 follows x (variance 1), dim 1 barely (variance 1e-4), dim 2 is the same for every x
+    mu = torch.cat([x, 0.01 * x, torch.full_like(x, 3.0)], dim=1)
+    assert active_units(mu).tolist() == [True, False, False]
+    assert active_units(mu, threshold=1e-5).tolist() == [True, True, False]
+    with pytest.raises(ValueError, match="N x D"):
+        active_units(torch.zeros(1, 3))
+
+
+def test_sharpness_falls_when_an_image_is_blurred():
+    from mvae_course.degrade import gaussian_blur
+    from mvae_course.metrics import sharpness
+
+    image = torch.zeros(1, 3, 32, 32)
+    image[..., 8:24, 8:24] = 1.0  # a crisp square
+    blurred = gaussian_blur(image, 1.0)
+    crisp, soft = sharpness(torch.cat([image, blurred]))
+    assert soft < 0.5 * crisp
+    assert sharpness(torch.full((1, 3, 8, 8), 0.5)).item() == 0.0
