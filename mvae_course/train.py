@@ -63,11 +63,15 @@ class Terminated(KeyboardInterrupt):
     """The process was asked to stop by SIGTERM (what SLURM, Kubernetes and `timeout` send).
 
     Handled like Ctrl-C: the step in progress finishes, `last.pt` is saved, and the run resumes exactly.
+    Taught in notebooks/07_coco_training.ipynb.
     """
 
 
 class RunInUseError(FileExistsError):
-    """Another live training run is writing into the same output folder."""
+    """Another live training run is writing into the same output folder.
+
+    Taught in notebooks/07_coco_training.ipynb.
+    """
 
 
 @dataclass
