@@ -178,8 +178,9 @@ class ModelConfig:
     z_dim: int = 64
     image_size: int = 64
     image_channels: tuple[int, ...] = (32, 64, 128)
-    # Bernoulli: the sigmoid of a Gaussian mean saturates on the black backgrounds of the shapes data and
-    # its gradient vanishes (the latent collapses); BCE on logits does not. See notebooks/02_image_vae.ipynb.
+    # Bernoulli by default: a Gaussian on the sigmoid of the logits saturates, and where it saturates on a
+    # wrong pixel its gradient vanishes; BCE on logits has no such trap. notebooks/02_image_vae.ipynb
+    # measures how close the shipped Gaussian run came to it.
     image_likelihood: str = "bernoulli"
     image_sigma: float = 0.1  # fixed std of the Gaussian image likelihood, in [0, 1] pixel units
     vocab_size: int = 0  # set from the tokenizer before the model is built
