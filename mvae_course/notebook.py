@@ -91,18 +91,25 @@ def trained(config: Config, out: str | Path, smoke: bool) -> TrainResult:
     return result
 
 
+_SMOKE_TRAINED: set[str] = set()  # the fusions a smoke-mode lesson has trained a tiny model of, in this kernel
+
+
 def lesson_model(name: str, smoke: bool, retrain: bool = False) -> Reference:
     """A model the lesson discusses: the shipped reference run `name`, or, with `retrain`, the same run
     trained here (into `runs/retrained/`, with progress; resumed if interrupted).
 
     Taught in notebooks/00_setup.ipynb. In smoke mode the same kind of model is also trained small (the
-    tiny preset, seconds), so CI runs the training code, but what is returned, and so every figure and
-    claim, is the reference run. One line says which model it is, what it cost, and how to retrain it.
+    tiny preset, seconds; once per fusion in a kernel, as runs of one fusion share their code), so CI runs
+    the training code, but what is returned, and so every figure and claim, is the reference run. One line says which model it is, what it cost, and how to retrain it.
     """
     run = reference_run(name)
-    if smoke:
+    fusion = run.config(smoke=True).model.fusion
+    if smoke and fusion in _SMOKE_TRAINED:
+        print(f"smoke: the tiny {fusion} trained above exercises {name}'s code; the figures use the reference run")
+    elif smoke:
         small = train_or_load(run.config(smoke=True), runs_dir(True) / "lessons" / name,
                               data_dir=data_dir(True))
+        _SMOKE_TRAINED.add(fusion)
         print(f"smoke: trained a tiny {name} ({small.step} steps, {small.seconds:.0f} s) to exercise the "
               "code; the figures use the reference run")
     elif retrain:
@@ -113,8 +120,13 @@ def lesson_model(name: str, smoke: bool, retrain: bool = False) -> Reference:
         return loaded
     loaded = load_reference(name, root=REFERENCE)
     m = loaded.manifest
-    print(f"{name}: the reference run {relative(loaded.folder)} ({m['steps']} steps, trained in "
-          f"{m['cpu_s'] / 60:.1f} CPU min on {m['machine']['cpu']}); retrain=True, or "
+    resumed = m.get("resumed_at_step", 0)
+    if resumed >= m["steps"]:  # exported from a finished training: its cost was not measured
+        cost = f"trained on {m['machine']['cpu']}, its training time not recorded"
+    else:
+        cost = f"trained in {m['cpu_s'] / 60:.1f} CPU min on {m['machine']['cpu']}"
+        cost += f", counted from step {resumed}, where it resumed" if resumed else ""
+    print(f"{name}: the reference run {relative(loaded.folder)} ({m['steps']} steps, {cost}); retrain=True, or "
           f"`mvae-course reference --rebuild {name}`, trains it here")
     return loaded
 

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from mvae_course.checkpoint import load_checkpoint
 from mvae_course.config import Config, preset
 from mvae_course.data.text import CaptionTokenizer
 from mvae_course.evaluate import evaluate_run
@@ -119,11 +120,13 @@ RUNS: tuple[ReferenceRun, ...] = (
     ReferenceRun("mmvaeplus", "05_failure_modes",
                  "MMVAE+: a mixture over a shared z, a private latent per modality",
                  _change({"fusion": "mmvaeplus"})),
+    # Sweeps around the cpu preset (text_weight 10: `mopoe`; beta 1: `independent`), three and four points:
+    # each point costs about 9 CPU minutes to build.
     *(ReferenceRun(f"mopoe-text-weight-{w:g}", "05_failure_modes", f"MoPoE with text_weight {w:g}",
-                   _change({"fusion": "mopoe", "text_weight": w})) for w in (1.0, 3.0, 30.0)),
+                   _change({"fusion": "mopoe", "text_weight": w})) for w in (1.0, 30.0)),
     *(ReferenceRun(f"beta-{b:g}", "05_failure_modes", f"two separate VAEs, the KL weighted by beta = {b:g}",
                    _change({"fusion": "independent"}, lambda config, b=b: {"beta": b}))
-      for b in (0.25, 0.5, 2.0, 4.0)),
+      for b in (0.25, 0.5, 4.0)),
 )
 
 
@@ -255,10 +258,12 @@ def rebuild(names: Sequence[str | ReferenceRun] | None = None, into: str | Path 
         build = work_dir / run.name
         if force and build.exists():
             shutil.rmtree(build)
+        # The cost is what this call spent: a run resumed from step N cost more than that, and says so.
+        resumed = load_checkpoint(build / "last.pt")["step"] if (build / "last.pt").is_file() else 0
         wall, cpu = time.perf_counter(), _cpu_seconds()
         result = train_or_load(run.config(smoke), build, data_dir=data_dir, progress=progress)
         wall, cpu = time.perf_counter() - wall, _cpu_seconds() - cpu
-        cost = {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "steps": result.step}
+        cost = {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "steps": result.step, "resumed_at_step": resumed}
         written.append(_ship(run, result.model, result.tokenizer, result.config, build, into / run.name,
                              data_dir, cost))
     return written

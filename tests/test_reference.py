@@ -37,6 +37,7 @@ def test_a_built_run_has_every_file_and_a_manifest_that_matches(built):
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["command"] == f"mvae-course reference --rebuild {TINY.name}"
     assert manifest["steps"] == TINY.config(smoke=True).train.max_steps and manifest["cpu_s"] > 0
+    assert manifest["resumed_at_step"] == 0  # trained from scratch: the cost is the whole training's
     assert {"cpu", "cores", "torch"} <= set(manifest["machine"])
     (folder / "metrics.csv").write_text((folder / "metrics.csv").read_text() + "\n")  # tampered with
     assert verify(TINY, built / "shipped") == [f"{folder / 'metrics.csv'}: sha256 differs from the manifest"]
@@ -49,6 +50,8 @@ def test_a_rebuild_skips_what_is_up_to_date(built, capsys):
     rebuild([TINY], into=folder, work_dir=built / "work", data_dir=built / "data", smoke=True, progress=False)
     assert "up to date" in capsys.readouterr().out
     assert (folder / TINY.name / "manifest.json").read_text() == before
+    # Built from a training that was already there: the manifest says the cost is not the training's.
+    assert json.loads(before)["resumed_at_step"] == TINY.config(smoke=True).train.max_steps
 
 
 def test_loading_reads_no_pickle(built, monkeypatch):
