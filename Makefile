@@ -22,8 +22,9 @@ $(LAB_SETTINGS): Makefile
 
 install: $(STAMP) $(LAB_SETTINGS)
 
+# make run RETRAIN=1: the lessons train their reference runs here (runs/retrained/) instead of loading them.
 run: install
-	$(PY) -m mvae_course course --out build
+	$(PY) -m mvae_course course --out build $(if $(RETRAIN),--retrain)
 
 # The course site again, from the lessons `make run` executed (build/notebooks), without running them.
 site: install

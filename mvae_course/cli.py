@@ -303,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="build", help="where figures and runs go")
     p.add_argument("--preset", default="cpu", help="tiny for a smoke run, cpu for the real thing")
     p.add_argument("--max-steps", type=int, help="override the preset's training budget")
+    p.add_argument("--retrain", action="store_true",
+                   help="train the lessons' reference runs here instead of loading the shipped ones (hours)")
     p.set_defaults(func=run_course)
 
     p = command("site", "rebuild the course site (OUT/html) from the lessons `course` executed")

@@ -163,7 +163,9 @@ def run_notebooks(
 
 
 def run_course(args: argparse.Namespace) -> int:
-    """`mvae-course course --out build [--preset tiny|cpu] [--max-steps N]`: run every lesson, build the site."""
+    """`mvae-course course --out build [--preset tiny|cpu] [--max-steps N] [--retrain]`: run every lesson
+    (with `--retrain`, each trains its reference runs into runs/retrained/ instead of loading them), build the
+    site."""
     from mvae_course.grading.exercises import EXERCISES
 
     if args.preset not in SMOKE_PRESETS + CPU_PRESETS:
@@ -179,6 +181,8 @@ def run_course(args: argparse.Namespace) -> int:
     parameters: dict[str, Any] = {"smoke": smoke}
     if args.max_steps is not None:
         parameters["max_steps"] = args.max_steps
+    if args.retrain:
+        parameters["retrain"] = True
     out = Path(args.out)
     results = run_notebooks(notebooks, out, parameters, sorted(EXERCISES.glob("*.ipynb")))
     failed = [name for name, error in results.items() if error]
