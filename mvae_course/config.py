@@ -162,6 +162,7 @@ class DataConfig:
         "image_size": integer(1), "level": integer(1, 5), "n_train": integer(1), "n_val": integer(1),
         "min_count": integer(1), "max_caption_tokens": integer(1, optional=True),
         "on_bad_entry": one_of(ON_BAD), "on_bad_image": one_of(ON_BAD),
+        "holdout": text(optional=True),  # its name is checked against data.shapes.HOLDOUTS where it is used
     }
 
     def __post_init__(self) -> None:
@@ -245,7 +246,7 @@ class TrainConfig:
         "max_steps": integer(1, optional=True), "epochs": integer(1, optional=True),
         "warmup_steps": integer(0), "kl_warmup_steps": integer(0),
         "beta": number(0, low_open=True), "grad_clip": number(0, low_open=True),
-        "seed": integer(0), "device": device_name, "amp": boolean, "cache_on_device": boolean,
+        "seed": integer(0), "device": device_name, "amp": boolean, "threads": integer(0), "cache_on_device": boolean,
         "eval_every": integer(1), "ckpt_every": integer(1), "log_every": integer(1),
     }
 

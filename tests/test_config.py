@@ -33,6 +33,7 @@ BAD_VALUES = [
     ("train", "device", "tpu", "must be one of 'auto', 'cpu', 'cuda', 'cuda:N'"),
     ("train", "device", "cuda:x", "must be one of 'auto', 'cpu', 'cuda', 'cuda:N'"),
     ("train", "amp", "yes", "must be true or false"),
+    ("train", "threads", -1, "must be an integer >= 0"),
     ("train", "cache_on_device", 1, "must be true or false"),
     ("train", "eval_every", 0, "must be a positive integer"),
     ("train", "ckpt_every", 0, "must be a positive integer"),
@@ -71,6 +72,7 @@ BAD_VALUES = [
     ("data", "max_caption_tokens", 0, "must be a positive integer or null"),
     ("data", "on_bad_entry", "ignore", "must be one of 'raise', 'skip'"),
     ("data", "on_bad_image", "drop", "must be one of 'raise', 'skip'"),
+    ("data", "holdout", "", "must be a non-empty string or null"),
 ]
 
 

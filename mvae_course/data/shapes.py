@@ -116,6 +116,8 @@ def held_out(attributes: Mapping[str, Any], holdout: str | None) -> bool:
     (shape, colour) pairs ("shape"/"colour", and "shape2"/"colour2" at level 5) is in `HOLDOUTS[holdout]`."""
     if holdout is None:
         return False
+    if holdout not in HOLDOUTS:
+        raise ValueError(f"data.holdout {holdout!r} is not a holdout; use one of {sorted(HOLDOUTS)} or null")
     pairs = set(HOLDOUTS[holdout])
     return any((attributes.get(f"shape{k}"), attributes.get(f"colour{k}")) in pairs for k in ("", "2"))
 
