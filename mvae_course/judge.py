@@ -181,8 +181,15 @@ def load_or_train_classifier(train_cache: CaptionCache, val_cache: CaptionCache,
     path = Path(cache_dir) / f"attribute_classifier_{key}.pt"
     clf = _load_classifier(path, key, device) if path.is_file() else None
     if clf is None:
-        clf = train_attribute_classifier(train_cache.images.cpu(), train_cache.attributes, classes, steps=steps,
-                                         device=device)
+        # One thread: a CPU's float sums then run in one order, so every checkout trains the same judge (with
+        # more threads the reductions split differently and the judge, and every figure it reads, drifts).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            clf = train_attribute_classifier(train_cache.images.cpu(), train_cache.attributes, classes, steps=steps,
+                                             device=device)
+        finally:
+            torch.set_num_threads(threads)
         state = {"version": JUDGE_VERSION, "key": key, "classes": {a: list(v) for a, v in clf.classes.items()},
                  "state_dict": clf.state_dict()}
         save_checkpoint(state, path)  # a temporary file renamed into place: never half a judge on disk
