@@ -181,8 +181,8 @@ def load_or_train_classifier(train_cache: CaptionCache, val_cache: CaptionCache,
     path = Path(cache_dir) / f"attribute_classifier_{key}.pt"
     clf = _load_classifier(path, key, device) if path.is_file() else None
     if clf is None:
-        # One thread: a CPU's float sums then run in one order, so every checkout trains the same judge (with
-        # more threads the reductions split differently and the judge, and every figure it reads, drifts).
+        # One thread, so the judge does not depend on the thread setting of whichever process trains it first
+        # (reductions split over threads sum in another order, and a different judge reads some images otherwise).
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
