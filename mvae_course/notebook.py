@@ -100,16 +100,17 @@ def lesson_model(name: str, smoke: bool, retrain: bool = False) -> Reference:
 
     Taught in notebooks/00_setup.ipynb. In smoke mode the same kind of model is also trained small (the
     tiny preset, seconds; once per fusion in a kernel, as runs of one fusion share their code), so CI runs
-    the training code, but what is returned, and so every figure and claim, is the reference run. One line says which model it is, what it cost, and how to retrain it.
+    the training code, but what is returned, and so every figure and claim, is the reference run. One line
+    says which model it is, what it cost, and how to retrain it.
     """
     run = reference_run(name)
-    fusion = run.config(smoke=True).model.fusion
-    if smoke and fusion in _SMOKE_TRAINED:
-        print(f"smoke: the tiny {fusion} trained above exercises {name}'s code; the figures use the reference run")
+    tiny = run.config(smoke=True)
+    if smoke and tiny.model.fusion in _SMOKE_TRAINED:
+        print(f"smoke: the tiny {tiny.model.fusion} trained above exercises {name}'s code; the figures use the "
+              "reference run")
     elif smoke:
-        small = train_or_load(run.config(smoke=True), runs_dir(True) / "lessons" / name,
-                              data_dir=data_dir(True))
-        _SMOKE_TRAINED.add(fusion)
+        small = train_or_load(tiny, runs_dir(True) / "lessons" / name, data_dir=data_dir(True))
+        _SMOKE_TRAINED.add(tiny.model.fusion)
         print(f"smoke: trained a tiny {name} ({small.step} steps, {small.seconds:.0f} s) to exercise the "
               "code; the figures use the reference run")
     elif retrain:
