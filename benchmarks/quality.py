@@ -30,9 +30,8 @@ import torch
 
 from mvae_course.compare import compare, comparison_config, to_markdown
 from mvae_course.config import FUSIONS, preset
-from mvae_course.device import amp_dtype
-from mvae_course.config import FUSIONS
 from mvae_course.data.shapes import HOLDOUTS
+from mvae_course.device import amp_dtype
 from mvae_course.evaluate import PROTOCOLS, SAMPLED_OUTPUTS
 from mvae_course.train import train
 

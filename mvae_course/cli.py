@@ -22,8 +22,8 @@ from mvae_course.data.cache import prepare_cache, read_captions, read_meta
 from mvae_course.data.shapes import HOLDOUTS, write_shapes
 from mvae_course.data.text import CaptionTokenizer
 from mvae_course.evaluate import evaluate_run
-from mvae_course.reference import RUNS, rebuild, reference_run, verify
 from mvae_course.grading.cli import add_exercises_arguments, add_grade_arguments, run_exercises, run_grade
+from mvae_course.reference import RUNS, rebuild, reevaluate, reference_run, verify
 from mvae_course.train import NonFiniteLossError, Terminated, train
 
 
@@ -192,9 +192,13 @@ def run_compare(args: argparse.Namespace) -> int:
 
 def run_reference(args: argparse.Namespace) -> int:
     """List the shipped reference runs and whether their files match their manifests, or rebuild them."""
-    if args.rebuild:
-        for folder in rebuild(args.names or None, data_dir=args.data_dir, force=args.force,
-                              progress=not args.no_progress):
+    if args.rebuild and args.reevaluate:
+        raise SystemExit("--rebuild or --reevaluate: a rebuild evaluates what it trains")
+    if args.rebuild or args.reevaluate:
+        folders = (rebuild(args.names or None, data_dir=args.data_dir, force=args.force, progress=not args.no_progress)
+                   if args.rebuild else
+                   reevaluate(args.names or None, data_dir=args.data_dir, progress=not args.no_progress))
+        for folder in folders:
             print(f"ready: {folder}")
         return 0
     names = args.names or [run.name for run in RUNS]
@@ -295,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("names", nargs="*", help="reference runs (default: all)")
     p.add_argument("--rebuild", action="store_true", help="train, export, evaluate and record them")
     p.add_argument("--force", action="store_true", help="rebuild even those that are up to date")
+    p.add_argument("--reevaluate", action="store_true",
+                   help="evaluate the shipped weights again and record it, no training (after a change to the "
+                        "evaluation or the judge)")
     p.add_argument("--data-dir", type=Path, help="where the data and caches go (default: data/)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run_reference)
@@ -305,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, help="override the preset's training budget")
     p.add_argument("--retrain", action="store_true",
                    help="train the lessons' reference runs here instead of loading the shipped ones (hours)")
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                   help="lessons run at a time (default: 2, or 1 on a single core; most lessons use one core)")
     p.set_defaults(func=run_course)
 
     p = command("site", "rebuild the course site (OUT/html) from the lessons `course` executed")

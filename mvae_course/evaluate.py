@@ -176,7 +176,7 @@ def _new_order_batches(tokenizer: CaptionTokenizer, true: Sequence[Mapping[str, 
 
 @torch.no_grad()
 def coherence(model: MultimodalVAE, tokenizer: CaptionTokenizer, cache: CaptionCache,
-              classifier: AttributeClassifier, level: int, captions: str = "random", n_joint: int = 256,
+              classifier: AttributeClassifier, level: int, captions: str = "random", n_joint: int = 1000,
               batch_size: int = 128, seed: int = 0, protocol: Protocol = Protocol(),
               holdout: str | None = None, n_boot: int = 1000) -> dict[str, Any]:
     """Cross-modal and joint coherence on the shapes data, per attribute and strict (all attributes right;
@@ -187,8 +187,8 @@ def coherence(model: MultimodalVAE, tokenizer: CaptionTokenizer, cache: CaptionC
       every caption), judged by `classifier`, against the caption's image's attributes.
     - text_to_image_new_orders (level 3 and up): the same from captions in word orders the generator
       never writes (`data.shapes.unseen_order_captions`), one per image.
-    - joint: `n_joint` pairs sampled from the prior; the parsed caption against the classifier's reading
-      of the image (do the two modalities tell the same story?).
+    - joint: `n_joint` pairs sampled from the prior (the same draws under every protocol); the parsed
+      caption against the classifier's reading of the image (do the two modalities tell the same story?).
     - rule_judge: text_to_image and joint read by `RuleJudge` (nothing learnt) instead; judge_agreement:
       the fraction of generated images both judges read alike in every attribute.
     - with a `holdout`: "seen" and "unseen", image_to_text and text_to_image on the images whose
@@ -221,6 +221,8 @@ def coherence(model: MultimodalVAE, tokenizer: CaptionTokenizer, cache: CaptionC
             for text, lengths in _new_order_batches(tokenizer, true, level, seed, batch_size, device):
                 z = _latent(model.encode(text=text, lengths=lengths), protocol.z)
                 reordered.append(_draw_images(model, z, protocol.image).cpu())
+    # Joint coherence reads no posterior, so under every protocol it starts from the same prior draws.
+    with seeded(seed, device):
         z = torch.randn(n_joint, model.config.z_dim, device=device)
         z_text = torch.randn_like(z) if model.fusion == "independent" else z  # its latents are separate spaces
         joint_images = _draw_images(model, z, protocol.image).cpu()

@@ -3,8 +3,10 @@
 Taught in notebooks/08_evaluation.ipynb.
 
 Captions are judged exactly (`data.shapes.parse_caption`); images need a reader. The judge is trained
-once per data set on the real training images, saved beside the caches, and reports its own accuracy on
-the real validation images: a judge is only as good as that number. Generated images are softer,
+once per data set on the real training images, saved beside the caches (safetensors, no pickle), and
+reports its own accuracy on the real validation images: a judge is only as good as that number. The judge
+of the reference runs' data ships in `reference/judges/`, so their recorded figures are read again by the
+very judge that wrote them. Generated images are softer,
 dimmer and noisier than real ones, so it is trained on real images degraded the way decoders degrade
 them (`degrade.augment`), and `judge_accuracy` reports it on degraded copies as well (`DEGRADATIONS`).
 A judge with nothing learnt, `rule_judge.RuleJudge`, checks it.
@@ -14,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import pickle
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -22,9 +23,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
 from torch import Tensor, nn
 
-from mvae_course.checkpoint import save_checkpoint
+from mvae_course.atomic import atomic_write, clean_stale_temps
 from mvae_course.data.cache import CaptionCache, as_float_images
 from mvae_course.data.shapes import ATTRIBUTE_VALUES
 from mvae_course.degrade import DEGRADATIONS, augment
@@ -33,6 +36,7 @@ from mvae_course.metrics import attribute_accuracy
 
 JUDGE_VERSION = 2  # bump when the network or its training change: saved judges then read as stale
 STEPS = 1000  # training steps; benchmarks/README.md, "Quality", gives what they buy at levels 4 and 5
+JUDGES = Path(__file__).resolve().parents[1] / "reference" / "judges"  # shipped: read before the cache
 
 
 class AttributeClassifier(nn.Module):
@@ -137,35 +141,55 @@ def judge_accuracy(judge: Any, images: Tensor, attributes: Sequence[Mapping[str,
     return out
 
 
-def _classifier_key(cache_meta: Mapping[str, Any], classes: Mapping[str, Sequence], steps: int) -> str:
+def judge_key(train_cache: CaptionCache, attributes: Sequence[str], steps: int = STEPS) -> str:
     """A short hash naming one judge: the training cache it learnt from (by its source), its classes, steps,
     and the judge's version."""
-    identity = [cache_meta.get(k) for k in ("source_sha256", "split", "image_size", "n_images")]
+    classes = {a: ATTRIBUTE_VALUES[a] for a in attributes}
+    identity = [train_cache.meta.get(k) for k in ("source_sha256", "split", "image_size", "n_images")]
     blob = json.dumps([identity, {a: list(v) for a, v in classes.items()}, steps, JUDGE_VERSION], default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def judge_file(key: str) -> str:
+    """The file name of the judge `key` (in a cache folder, or in `JUDGES`)."""
+    return f"attribute_classifier_{key}.safetensors"
+
+
+def save_classifier(clf: AttributeClassifier, key: str, path: Path) -> Path:
+    """Write a judge to `path` atomically (a temporary file renamed into place): safetensors, its classes and
+    key in the metadata."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(path.parent, f".{path.name}.tmp-*")
+    metadata = {"version": str(JUDGE_VERSION), "key": key, "classes": json.dumps(clf.classes)}
+    with atomic_write(path) as f:
+        f.write(save({k: v.contiguous() for k, v in clf.state_dict().items()}, metadata))
+    return path
 
 
 def _load_classifier(path: Path, key: str, device: str | torch.device) -> AttributeClassifier | None:
     """The judge saved at `path`, or None (with a one-line message) when it is unreadable or not this one."""
     try:
-        saved = torch.load(path, map_location=device, weights_only=True)
-        if not isinstance(saved, dict) or saved.get("key") != key:
-            raise ValueError("it holds another judge than its name says")
-        clf = AttributeClassifier(saved["classes"]).to(device)
-        clf.load_state_dict(saved["state_dict"])
-    except (OSError, EOFError, RuntimeError, ValueError, KeyError, TypeError, pickle.UnpicklingError) as err:
-        # torch.load and load_state_dict fail in many ways on a damaged or foreign file; all mean "train again"
+        with safe_open(path, framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            if metadata.get("key") != key:
+                raise ValueError("it holds another judge than its name says")
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+        clf = AttributeClassifier(json.loads(metadata["classes"]))
+        clf.load_state_dict(state)
+    except (OSError, SafetensorError, RuntimeError, ValueError, KeyError, TypeError) as err:
+        # a damaged or foreign file fails in one of these ways; all mean "train again"
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        print(f"attribute judge {path} is corrupt or stale ({reason}): training a new one", file=sys.stderr)
+        print(f"attribute judge {path} is corrupt or stale ({reason}): not used", file=sys.stderr)
         return None
-    return clf.eval()
+    return clf.to(device).eval()
 
 
 def load_or_train_classifier(train_cache: CaptionCache, val_cache: CaptionCache, attributes: Sequence[str], cache_dir: str | Path,
                              steps: int = STEPS, device: str | torch.device = "cpu",
                              ) -> tuple[AttributeClassifier, dict[str, float]]:
-    """The attribute judge of one shapes data set: trained once on the real training images, then read
-    from `cache_dir` (the file is named by the training cache's identity and the judge's version).
+    """The attribute judge of one shapes data set: the one shipped in `JUDGES` if there is one, else trained
+    once on the real training images and read from `cache_dir` after (the file is named by the training
+    cache's identity, the judge's steps and its version).
 
     train_cache, val_cache: `CaptionCache`s with `attributes`. Returns the classifier and its accuracy on
     the real validation images (per attribute and strict): a fair judge must be close to 100% there
@@ -177,9 +201,13 @@ def load_or_train_classifier(train_cache: CaptionCache, val_cache: CaptionCache,
         if cache.attributes is None:
             raise ValueError(f"the {name} cache has no per-image attributes: the attribute judge needs the shapes data")
     classes = {a: ATTRIBUTE_VALUES[a] for a in attributes}
-    key = _classifier_key(train_cache.meta, classes, steps)
-    path = Path(cache_dir) / f"attribute_classifier_{key}.pt"
-    clf = _load_classifier(path, key, device) if path.is_file() else None
+    key = judge_key(train_cache, attributes, steps)
+    path = Path(cache_dir) / judge_file(key)
+    clf = None
+    for saved in (JUDGES / judge_file(key), path):  # the shipped judge of this data, else this cache's
+        clf = _load_classifier(saved, key, device) if saved.is_file() else None
+        if clf is not None:
+            break
     if clf is None:
         # One thread, so the judge does not depend on the thread setting of whichever process trains it first
         # (reductions split over threads sum in another order, and a different judge reads some images otherwise).
@@ -190,8 +218,6 @@ def load_or_train_classifier(train_cache: CaptionCache, val_cache: CaptionCache,
                                              device=device)
         finally:
             torch.set_num_threads(threads)
-        state = {"version": JUDGE_VERSION, "key": key, "classes": {a: list(v) for a, v in clf.classes.items()},
-                 "state_dict": clf.state_dict()}
-        save_checkpoint(state, path)  # a temporary file renamed into place: never half a judge on disk
+        save_classifier(clf, key, path)  # never half a judge on disk
     accuracy = attribute_accuracy(clf.predict(val_cache.images), val_cache.attributes, attributes)
     return clf, accuracy

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from mvae_course.config import Config, preset
 from mvae_course.data.cache import CaptionCache
 from mvae_course.data.prepare import prepare_data
-from mvae_course.reference import REFERENCE, Reference, load_reference, rebuild, reference_run
+from mvae_course.reference import REFERENCE, Reference, load_reference, rebuild, reference_run, training_cost
 from mvae_course.runs import train_or_load
 from mvae_course.train import TrainResult
 
@@ -121,14 +121,9 @@ def lesson_model(name: str, smoke: bool, retrain: bool = False) -> Reference:
         return loaded
     loaded = load_reference(name, root=REFERENCE)
     m = loaded.manifest
-    resumed = m.get("resumed_at_step", 0)
-    if resumed >= m["steps"]:  # exported from a finished training: its cost was not measured
-        cost = f"trained on {m['machine']['cpu']}, its training time not recorded"
-    else:
-        cost = f"trained in {m['cpu_s'] / 60:.1f} CPU min on {m['machine']['cpu']}"
-        cost += f", counted from step {resumed}, where it resumed" if resumed else ""
-    print(f"{name}: the reference run {relative(loaded.folder)} ({m['steps']} steps, {cost}); retrain=True, or "
-          f"`mvae-course reference --rebuild {name}`, trains it here")
+    print(f"{name}: the reference run {relative(loaded.folder)} ({m['steps']} steps on {m['machine']['cpu']}, "
+          f"training time {training_cost(m)}); retrain=True, or `mvae-course reference --rebuild {name}`, trains "
+          "it here")
     return loaded
 
 

@@ -11,8 +11,11 @@ budget that shows the phenomenon, by one command (`mvae-course reference --rebui
     reference/<name>/metrics_val.json    `evaluate_run` on the validation split, of the shipped weights
     reference/<name>/metrics_check.json  the same on its first 64 images with k = 4 (what a test repeats)
     reference/<name>/manifest.json       command, commit, seed, machine, wall and CPU time, files' sha256
+    reference/judges/                    the attribute judge that scored them (`judge.JUDGES`)
 
-Whoever changes a model, a preset, the judge or the data generator rebuilds them in the same change.
+Whoever changes a model, a preset or the data generator rebuilds them in the same change
+(`mvae-course reference --rebuild --force`); whoever changes the evaluation or the judge re-evaluates the
+shipped weights (`mvae-course reference --reevaluate`): no training.
 """
 
 from __future__ import annotations
@@ -33,10 +36,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from mvae_course.atomic import FileLock
 from mvae_course.checkpoint import load_checkpoint
 from mvae_course.config import Config, preset
+from mvae_course.data.prepare import prepare_data
+from mvae_course.data.shapes import attributes_at_level
 from mvae_course.data.text import CaptionTokenizer
 from mvae_course.evaluate import evaluate_run
+from mvae_course.judge import JUDGES, STEPS, judge_file, judge_key
 from mvae_course.models.mvae import MultimodalVAE
 from mvae_course.runs import WEIGHTS, export_weights, load_model, train_or_load
 
@@ -45,6 +52,7 @@ REFERENCE = ROOT / "reference"
 FILES = ("model.safetensors", "config.json", "tokenizer.json", "metrics.csv", "metrics_val.json",
          "metrics_check.json")
 CHECK = {"n": 64, "k": 4}  # metrics_check.json: a small evaluation a test can repeat in a second
+SMOKE_JUDGE_STEPS = 100  # the judge of a smoke build's tiny data: seconds, not a minute
 
 
 @dataclass(frozen=True)
@@ -175,6 +183,34 @@ def load_reference(run: str | ReferenceRun, device: str | torch.device = "cpu",
     return Reference(run, folder, model, tokenizer, config, evaluation, manifest)
 
 
+def training_minutes(manifest: dict[str, Any]) -> float | None:
+    """The CPU minutes a manifest records for the run's training, or None where they were not measured (a run
+    exported from a training that had already finished). A resumed build counts from `resumed_at_step`."""
+    if manifest.get("resumed_at_step", 0) >= manifest["steps"]:
+        return None
+    return manifest["cpu_s"] / 60
+
+
+def training_cost(manifest: dict[str, Any]) -> str:
+    """What a run's training cost, as a lesson prints it: "8.7 CPU min", "5.1 CPU min from step 546, where it
+    resumed" or "not recorded"."""
+    minutes, resumed = training_minutes(manifest), manifest.get("resumed_at_step", 0)
+    if minutes is None:
+        return "not recorded"
+    return f"{minutes:.1f} CPU min" + (f" from step {resumed}, where it resumed" if resumed else "")
+
+
+def total_training_cost(manifests: dict[str, dict[str, Any]]) -> str:
+    """The CPU time several runs' training cost together ({name: manifest}), with the runs whose count is
+    partial (resumed) or missing named: "32 CPU min in all (mmvaeplus's not recorded)"."""
+    minutes = {name: training_minutes(m) for name, m in manifests.items()}
+    total = sum(m for m in minutes.values() if m is not None)
+    caveats = [f"{name}'s not recorded" for name, m in minutes.items() if m is None]
+    caveats += [f"{name}'s counted from step {m['resumed_at_step']}, where it resumed"
+                for name, m in manifests.items() if minutes[name] is not None and m.get("resumed_at_step", 0)]
+    return f"{total:.0f} CPU min in all" + (f" ({'; '.join(caveats)})" if caveats else "")
+
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -186,8 +222,11 @@ def verify(run: str | ReferenceRun, root: str | Path = REFERENCE) -> list[str]:
     manifest_path = folder / "manifest.json"
     if not manifest_path.is_file():
         return [f"{manifest_path} is missing"]
-    recorded = json.loads(manifest_path.read_text())["files"]
-    problems = [f"{folder / f} is missing" for f in FILES if not (folder / f).is_file()]
+    manifest = json.loads(manifest_path.read_text())
+    recorded = dict(manifest["files"])
+    if "judge" in manifest:  # the judge that scored it, beside the runs
+        recorded[manifest["judge"]["file"]] = manifest["judge"]["sha256"]
+    problems = [f"{folder / f} is missing" for f in dict.fromkeys([*FILES, *recorded]) if not (folder / f).is_file()]
     problems += [f"{folder / f}: sha256 differs from the manifest" for f, digest in recorded.items()
                  if (folder / f).is_file() and sha256(folder / f) != digest]
     return problems
@@ -249,47 +288,99 @@ def rebuild(names: Sequence[str | ReferenceRun] | None = None, into: str | Path 
     data_dir = Path(data_dir) if data_dir is not None else ROOT / "data"
     written = []
     bar = tqdm(runs, desc="reference runs", unit="run", disable=not progress)
+    into.mkdir(parents=True, exist_ok=True)
     for run in bar:
         bar.set_postfix_str(run.name)
-        if not force and not verify(run, into):
-            tqdm.write(f"{run.name}: up to date ({into / run.name}); --force rebuilds it")
-            written.append(into / run.name)
-            continue
-        build = work_dir / run.name
-        if force and build.exists():
-            shutil.rmtree(build)
-        # The cost is what this call spent: a run resumed from step N cost more than that, and says so.
-        resumed = load_checkpoint(build / "last.pt")["step"] if (build / "last.pt").is_file() else 0
-        wall, cpu = time.perf_counter(), _cpu_seconds()
-        result = train_or_load(run.config(smoke), build, data_dir=data_dir, progress=progress)
-        wall, cpu = time.perf_counter() - wall, _cpu_seconds() - cpu
-        cost = {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "steps": result.step, "resumed_at_step": resumed}
-        written.append(_ship(run, result.model, result.tokenizer, result.config, build, into / run.name,
-                             data_dir, cost))
+        # Two lessons retraining one run at once take turns: the second finds it up to date.
+        with FileLock(into / f".{run.name}.lock", f"building the reference run {run.name}"):
+            if not force and not verify(run, into):
+                tqdm.write(f"{run.name}: up to date ({into / run.name}); --force rebuilds it")
+                written.append(into / run.name)
+                continue
+            build = work_dir / run.name
+            if force and build.exists():
+                shutil.rmtree(build)
+            # The cost is what this call spent: a run resumed from step N cost more than that, and says so.
+            resumed = load_checkpoint(build / "last.pt")["step"] if (build / "last.pt").is_file() else 0
+            wall, cpu = time.perf_counter(), _cpu_seconds()
+            result = train_or_load(run.config(smoke), build, data_dir=data_dir, progress=progress)
+            wall, cpu = time.perf_counter() - wall, _cpu_seconds() - cpu
+            cost = {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "steps": result.step,
+                    "resumed_at_step": resumed}
+            written.append(_ship(run, result.model, result.tokenizer, result.config, build, into / run.name,
+                                 data_dir, cost, SMOKE_JUDGE_STEPS if smoke else STEPS))
     return written
 
 
 def _ship(run: ReferenceRun, model: MultimodalVAE, tokenizer: CaptionTokenizer, config: Config, build: Path,
-          out: Path, data_dir: Path, cost: dict[str, Any]) -> Path:
+          out: Path, data_dir: Path, cost: dict[str, Any], judge_steps: int = STEPS) -> Path:
     """Export one trained run into `out`: weights, config, tokenizer, log, evaluation, manifest."""
     tmp = out.with_name(f".{out.name}.building")
     shutil.rmtree(tmp, ignore_errors=True)
     export_weights(model, tokenizer, config, tmp)
     shutil.copy(build / "metrics.csv", tmp / "metrics.csv")
-    for name, subset in (("metrics_check.json", CHECK), ("metrics_val.json", {})):
-        evaluate_run(tmp, "val", device="cpu", data_dir=data_dir, figures=False, verbose=False, **subset)
-        evaluation = json.loads((tmp / "metrics_val.json").read_text())
-        evaluation["run"] = _shown(out)  # not the temporary folder it was evaluated in
-        (tmp / "metrics_val.json").unlink()
-        (tmp / name).write_text(json.dumps(evaluation, indent=2) + "\n")
     manifest = {
         "name": run.name, "lesson": run.lesson, "about": run.about,
         "command": f"mvae-course reference --rebuild {run.name}",
         "commit": _commit(), "seed": config.train.seed, "preset": config.name, "fusion": config.model.fusion,
         "machine": machine(), **cost, "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "files": {f: sha256(tmp / f) for f in FILES},
     }
+    return _evaluate_into(tmp, out, data_dir, manifest, judge_steps)
+
+
+def _evaluate_into(tmp: Path, out: Path, data_dir: Path, manifest: dict[str, Any], judge_steps: int) -> Path:
+    """Evaluate the exported run in `tmp` (metrics_check.json, metrics_val.json), keep the judge that scored
+    it beside the runs (`out.parent/judges/`), write the manifest with every file's sha256, and move `tmp`
+    into place as `out`."""
+    for name, subset in (("metrics_check.json", CHECK), ("metrics_val.json", {})):
+        evaluate_run(tmp, "val", device="cpu", data_dir=data_dir, figures=False, verbose=False,
+                     classifier_steps=judge_steps, **subset)
+        evaluation = json.loads((tmp / "metrics_val.json").read_text())
+        evaluation["run"] = _shown(out)  # not the temporary folder it was evaluated in
+        (tmp / "metrics_val.json").unlink()
+        (tmp / name).write_text(json.dumps(evaluation, indent=2) + "\n")
+    manifest["files"] = {f: sha256(tmp / f) for f in FILES}
+    judge = _keep_judge(tmp, data_dir, out.parent / JUDGES.name, judge_steps)
+    if judge is not None:  # its path from the run's folder
+        manifest["judge"] = {"file": f"../{judge.parent.name}/{judge.name}", "sha256": sha256(judge),
+                             "steps": judge_steps}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out
+
+
+def _keep_judge(run: Path, data_dir: Path, judges: Path, steps: int) -> Path | None:
+    """Copy the attribute judge that evaluated `run` (shipped in `JUDGES`, or trained into the data's cache)
+    into `judges/`, and return its path there; None for a data set without one (COCO)."""
+    _, tokenizer, config = load_model(run, "cpu")
+    if config.data.dataset != "shapes":
+        return None
+    _, train_cache, _ = prepare_data(config, data_dir, tokenizer)
+    name = judge_file(judge_key(train_cache, attributes_at_level(config.data.level), steps))
+    kept = judges / name
+    source = JUDGES / name if (JUDGES / name).is_file() else data_dir / "cache" / name
+    if source.resolve() != kept.resolve():
+        judges.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, kept)
+    return kept
+
+
+def reevaluate(names: Sequence[str | ReferenceRun] | None = None, root: str | Path = REFERENCE,
+               data_dir: str | Path | None = None, progress: bool = True) -> list[Path]:
+    """Evaluate the shipped weights of each reference run (all by default) again, with the evaluation and
+    judge of this checkout, and record it: no training. For a change to the evaluation or the judge; the
+    manifest keeps its training record and notes when and at which commit it was evaluated."""
+    runs = [reference_run(n) if isinstance(n, str) else n for n in names] if names else list(RUNS)
+    root = Path(root)
+    data_dir = Path(data_dir) if data_dir is not None else ROOT / "data"
+    written = []
+    for run in tqdm(runs, desc="re-evaluating", unit="run", disable=not progress):
+        out = root / run.name
+        manifest = json.loads((out / "manifest.json").read_text())
+        manifest["evaluated"] = {"commit": _commit(), "created": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+        tmp = out.with_name(f".{out.name}.evaluating")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(out, tmp)
+        written.append(_evaluate_into(tmp, out, data_dir, manifest, manifest.get("judge", {}).get("steps", STEPS)))
+    return written

@@ -201,6 +201,9 @@ def test_coherence_states_its_protocol_and_gives_every_figure_an_interval(tiny_r
                         n_boot=200)
     assert sampled["protocol"]["z"].startswith("one sample") and "pixel sample" in sampled["protocol"]["image"]
     assert "seen" not in sampled  # no holdout, no split
+    # Joint coherence reads no posterior: sampling z changes the cross-modal figures' draws, not its own.
+    sampled_z = coherence(model, tokenizer, val, judge, 4, n_joint=16, protocol=Protocol(z="sample"), n_boot=200)
+    assert sampled_z["joint"] == mean["joint"] and sampled_z["ci"]["joint"] == mean["ci"]["joint"]
 
 
 def test_protocols_are_checked():

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import ImageFilter
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from mvae_course.data.cache import as_float_images, ensure_cache
 from mvae_course.data.shapes import ATTRIBUTE_VALUES, attributes_at_level, ensure_shapes, render
@@ -122,7 +124,7 @@ def test_judge_cache_is_atomic_and_a_corrupt_or_stale_one_is_rebuilt(shapes, tmp
     train, val = shapes[3]
     names = attributes_at_level(3)
     _, acc = load_or_train_classifier(train, val, names, tmp_path, steps=5)
-    (path,) = tmp_path.glob("attribute_classifier_*.pt")
+    (path,) = tmp_path.glob("attribute_classifier_*.safetensors")
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left beside it
     assert capsys.readouterr().err == ""
     good = path.read_bytes()
@@ -132,13 +134,34 @@ def test_judge_cache_is_atomic_and_a_corrupt_or_stale_one_is_rebuilt(shapes, tmp
     path.write_bytes(good[: len(good) // 2])  # a write cut short by a crash, as an old version could leave
     _, acc_rebuilt = load_or_train_classifier(train, val, names, tmp_path, steps=5)
     err = capsys.readouterr().err
-    assert f"attribute judge {path} is corrupt or stale" in err and "training a new one" in err
+    assert f"attribute judge {path} is corrupt or stale" in err and "not used" in err
     assert len(err.strip().splitlines()) == 1  # one line, not a traceback
     assert acc_rebuilt == acc and path.read_bytes() != good[: len(good) // 2]  # replaced, seeded: same judge
-    saved = torch.load(path, weights_only=True)
-    saved["key"] = "another judge"
-    torch.save(saved, path)  # a judge that is not the one its name says (stale)
+    with safe_open(path, framework="pt") as f:
+        state, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118
+    save_file(state, path, metadata | {"key": "another judge"})  # not the judge its name says (stale)
     load_or_train_classifier(train, val, names, tmp_path, steps=5)
     assert "another judge than its name says" in capsys.readouterr().err
     load_or_train_classifier(train, val, names, tmp_path, steps=5)
     assert capsys.readouterr().err == ""  # the rebuilt one is good again
+
+
+def test_a_shipped_judge_is_read_before_the_cache_and_a_bad_one_is_passed_over(shapes, tmp_path, monkeypatch, capsys):
+    from mvae_course import judge
+
+    train, val = shapes[3]
+    names = attributes_at_level(3)
+    shipped, cache = tmp_path / "judges", tmp_path / "cache"
+    monkeypatch.setattr(judge, "JUDGES", shipped)
+    first, _ = load_or_train_classifier(train, val, names, tmp_path / "trained", steps=5)
+    shipped.mkdir()
+    (trained,) = (tmp_path / "trained").iterdir()
+    (shipped / trained.name).write_bytes(trained.read_bytes())
+    clf, _ = load_or_train_classifier(train, val, names, cache, steps=5)
+    assert not cache.exists()  # read from JUDGES: nothing trained, nothing written
+    for a, b in zip(clf.state_dict().values(), first.state_dict().values()):
+        assert torch.equal(a, b)
+    capsys.readouterr()
+    (shipped / trained.name).write_bytes(b"not a judge")
+    load_or_train_classifier(train, val, names, cache, steps=5)
+    assert "is corrupt or stale" in capsys.readouterr().err and [p.name for p in cache.iterdir()] == [trained.name]

@@ -17,7 +17,19 @@ import torch
 
 from mvae_course.evaluate import evaluate_run, flatten
 from mvae_course.metrics_log import read_metrics
-from mvae_course.reference import CHECK, FILES, REFERENCE, RUNS, ReferenceRun, load_reference, rebuild, verify
+from mvae_course.reference import (
+    CHECK,
+    FILES,
+    REFERENCE,
+    RUNS,
+    SMOKE_JUDGE_STEPS,
+    ReferenceRun,
+    load_reference,
+    rebuild,
+    reevaluate,
+    sha256,
+    verify,
+)
 from mvae_course.runs import train_or_load
 
 TINY = ReferenceRun("tiny-mopoe", "04_fusion", "a test run", lambda c: c.replace(model={"fusion": "mopoe"}))
@@ -40,6 +52,9 @@ def test_a_built_run_has_every_file_and_a_manifest_that_matches(built):
     assert manifest["steps"] == TINY.config(smoke=True).train.max_steps and manifest["cpu_s"] > 0
     assert manifest["resumed_at_step"] == 0  # trained from scratch: the cost is the whole training's
     assert {"cpu", "cores", "torch"} <= set(manifest["machine"])
+    judge = folder / manifest["judge"]["file"]  # the judge that scored it, beside the runs
+    assert judge.resolve().parent == built / "shipped" / "judges"
+    assert judge.is_file() and sha256(judge) == manifest["judge"]["sha256"]
     (folder / "metrics.csv").write_text((folder / "metrics.csv").read_text() + "\n")  # tampered with
     assert verify(TINY, built / "shipped") == [f"{folder / 'metrics.csv'}: sha256 differs from the manifest"]
 
@@ -53,6 +68,23 @@ def test_a_rebuild_skips_what_is_up_to_date(built, capsys):
     assert (folder / TINY.name / "manifest.json").read_text() == before
     # Built from a training that was already there: the manifest says the cost is not the training's.
     assert json.loads(before)["resumed_at_step"] == TINY.config(smoke=True).train.max_steps
+
+
+def test_reevaluating_a_run_records_it_and_keeps_its_training_record(built):
+    folder = built / "reevaluated"
+    shutil.copytree(built / "shipped", folder)
+    run = folder / TINY.name
+    before = json.loads((run / "manifest.json").read_text())
+    (run / "metrics_val.json").write_text("{}")  # an evaluation out of date
+    reevaluate([TINY], root=folder, data_dir=built / "data", progress=False)
+    after = json.loads((run / "manifest.json").read_text())
+    assert verify(TINY, folder) == [] and after["evaluated"]["commit"]
+    assert {k: v for k, v in after.items() if k not in ("files", "evaluated")} == \
+        {k: v for k, v in before.items() if k != "files"}  # the training's record is kept
+    again, recorded = (json.loads((r / "metrics_val.json").read_text()) for r in (run, built / "shipped" / TINY.name))
+    assert again["run"] == str(run)  # where it now lies
+    assert {k: v for k, v in again.items() if k != "run"} == {k: v for k, v in recorded.items() if k != "run"}
+    assert not list(folder.glob(".*"))  # no temporary folder left
 
 
 def test_loading_reads_no_pickle(built, monkeypatch):
@@ -76,21 +108,21 @@ def test_reevaluating_reproduces_the_recorded_check(built):
     folder = built / "shipped" / TINY.name
     recorded = flatten(json.loads((folder / "metrics_check.json").read_text()))
     again = flatten(evaluate_run(folder, "val", device="cpu", data_dir=built / "data", figures=False,
-                                 verbose=False, **CHECK))
+                                 verbose=False, classifier_steps=SMOKE_JUDGE_STEPS, **CHECK))
     assert_same_numbers(again, recorded, n=CHECK["n"])
 
 
 def assert_same_numbers(again: dict, recorded: dict, n: int) -> None:
     """Every number recorded is there again: likelihoods and retrieval to 1e-3 (relative); what a judge reads
-    (coherence, judges' accuracies, their agreement), fractions over n items, within n / 8 items. The CNN judge
-    is retrained wherever the data is new (as here), and a judge trained with another thread count or float
-    rounding is another judge: on the shipped runs such a judge moved these figures by up to 5 of 64 items."""
+    (coherence, judges' accuracies, their agreement), fractions over n items, within 3 items: the judge is
+    the one that scored them (shipped in reference/judges/), and the generated images and captions it reads
+    may differ in a few bits on another CPU."""
     for key, value in recorded.items():
         if not isinstance(value, (int, float)) or isinstance(value, bool) or key in ("run",):
             continue
         got = again[key]
         judged = any(word in key for word in ("coherence", "accuracy", "judges"))
-        tolerance = 1 / 8 if 0 <= value <= 1 and judged else 0
+        tolerance = 3 / n if 0 <= value <= 1 and judged else 0
         assert math.isclose(got, value, rel_tol=1e-3, abs_tol=max(tolerance, 1e-6)), (key, got, value)
 
 
