@@ -156,13 +156,13 @@ def plot_cross_modal(images: Tensor, captions_true: Sequence[str], captions_gene
         )
     fig, axes = plt.subplots(b, 3, figsize=(9, 1.6 * b + 0.6), squeeze=False,
                              gridspec_kw={"width_ratios": [1, 2.2, 1]})
-    headers = ("input image", "caption: true / generated from image", "image generated from caption")
+    headers = ("input image", "caption: true (black) / generated from image (blue)", "image generated from caption")
     for i in range(b):
         ax_in, ax_text, ax_out = axes[i]
         ax_in.imshow(images[i].detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy())
         ax_out.imshow(generated_images[i].detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy())
         ax_text.text(0.0, 0.7, "true: " + _wrap(captions_true[i]), fontsize=8, va="center")
-        ax_text.text(0.0, 0.25, "gen:  " + _wrap(captions_generated[i]), fontsize=8, va="center", color="C3")
+        ax_text.text(0.0, 0.25, "gen:  " + _wrap(captions_generated[i]), fontsize=8, va="center", color="C0")
         for ax in (ax_in, ax_text, ax_out):
             ax.set_xticks([])
             ax.set_yticks([])
@@ -220,16 +220,16 @@ def plot_comparison(table: Mapping[str, Mapping[str, float]] | Sequence[Mapping[
             yerr = [[max(0.0, v - b[0]) if b else 0.0 for v, b in zip(values, bounds)],
                     [max(0.0, b[1] - v) if b else 0.0 for v, b in zip(values, bounds)]]
         bars = ax.bar(range(len(names)), values, color=colours, label=names, yerr=yerr, capsize=3)
-        ax.bar_label(bars, fmt="%.3g", fontsize=7, label_type="center")
+        ax.bar_label(bars, fmt="%.3g", fontsize=7, padding=2)  # at the bar's end: readable on a bar near 0
         if chance and metric in chance:
             ax.axhline(chance[metric], color="grey", linestyle="--", linewidth=1)
-            ax.annotate("chance", (1.0, chance[metric]), xycoords=("axes fraction", "data"), fontsize=6,
-                        ha="right", va="bottom", color="grey")
+            ax.annotate("chance", (0.02, chance[metric]), xycoords=("axes fraction", "data"), fontsize=6,
+                        ha="left", va="bottom", color="grey")
         ax.set_title(metric, fontsize=9)
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, fontsize=7, rotation=20)
         ax.set_xlabel("fusion")
-        ax.set_ylabel("value")
+        ax.set_ylabel("\n".join(textwrap.wrap(metric, 28)), fontsize=7)
         ax.axhline(0.0, color="black", linewidth=0.5)
         ax.margins(y=0.2)
     for ax in list(axes.flat)[len(metrics):]:

@@ -80,7 +80,7 @@ def test_comparison_one_panel_per_metric():
     panels = [ax for ax in fig.axes if ax.get_title()]
     assert [ax.get_title() for ax in panels] == ["coherence", "log_p"]
     for ax in panels:
-        assert ax.get_xlabel() == "fusion" and ax.get_ylabel() == "value"
+        assert ax.get_xlabel() == "fusion" and ax.get_ylabel() == ax.get_title()  # the metric names its axis
         assert [t.get_text() for t in ax.get_xticklabels()] == ["poe", "independent"]
     assert [p.get_height() for p in panels[0].patches] == pytest.approx([0.9, 0.2])
     assert [p.get_height() for p in panels[1].patches] == pytest.approx([-120.0, -150.0])
