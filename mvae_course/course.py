@@ -15,7 +15,9 @@ import re
 import shutil
 import sys
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from queue import Queue
 from typing import Any
 
 import nbformat
@@ -97,10 +99,13 @@ def execute_notebook(
 
     path, out = Path(path).resolve(), Path(out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
+    # The kernel starts in the notebook's folder (nbclient's resources path), not papermill's `cwd`, which
+    # changes this whole process's folder and so cannot serve two lessons running at once.
     return papermill.execute_notebook(
-        str(path), str(out), parameters=dict(parameters or {}), cwd=str(path.parent), kernel_name="python3",
+        str(path), str(out), parameters=dict(parameters or {}), kernel_name="python3",
         progress_bar=False, execution_timeout=timeout, kernel_manager_class=CourseKernelManager,
         record_timing=False, stderr_file=status, on_cell_start=status and status.cell_started,
+        resources={"metadata": {"path": str(path.parent)}},
     )
 
 
@@ -130,32 +135,45 @@ def execute_in_place(path: str | Path, parameters: Mapping[str, Any] | None = No
 
 def run_notebooks(
     notebooks: Sequence[Path], out: str | Path, parameters: Mapping[str, Any] | None = None,
-    exercises: Sequence[Path] = (),
+    exercises: Sequence[Path] = (), jobs: int = 1,
 ) -> dict[str, str | None]:
-    """Execute each notebook into `out/notebooks/`, then build the course site into `out/html/`.
+    """Execute each notebook into `out/notebooks/`, `jobs` at a time, then build the course site into `out/html/`.
 
     A failing lesson does not stop the others (lessons train or load their own models). Returns
-    {notebook name: None if it ran, else the error}; a failed lesson's page shows it up to the failure, flagged.
-    `exercises` (notebooks, each naming its lesson in its first cell) get pages of their own.
+    {notebook name: None if it ran, else the error}, in course order; a failed lesson's page shows it up to
+    the failure, flagged. `exercises` (notebooks, each naming its lesson in its first cell) get pages of their
+    own. Each running lesson has a status line under the course's bar (in a terminal).
     """
     out = Path(out)
-    results: dict[str, str | None] = {}
     course = tqdm(total=len(notebooks), desc="course", unit="lesson")
-    status = tqdm(bar_format="{desc}", leave=False, disable=not sys.stderr.isatty())  # a terminal's, not a log's
-    try:
-        for path in notebooks:
-            course.set_postfix_str(path.stem)
-            executed = out / "notebooks" / path.name
-            try:
-                execute_notebook(path, executed, parameters, status=KernelStatus(status, path.stem))
-                results[path.name] = None
-            except Exception as e:  # a cell's error, a dead kernel, a timeout: report it, run the next lesson
-                message = str(e).strip()
-                results[path.name] = f"{type(e).__name__}: {message.splitlines()[-1] if message else ''}"
-                tqdm.write(f"{path.name} FAILED ({results[path.name]}); its partial output is in {executed}")
+    slots = Queue()  # one status line per lesson running at a time
+    for k in range(max(1, jobs)):
+        slots.put(tqdm(bar_format="{desc}", leave=False, position=k + 1, disable=not sys.stderr.isatty()))
+
+    def run(path: Path) -> str | None:
+        line = slots.get()
+        executed = out / "notebooks" / path.name
+        try:
+            execute_notebook(path, executed, parameters, status=KernelStatus(line, path.stem))
+            return None
+        except Exception as e:  # a cell's error, a dead kernel, a timeout: report it, run the next lesson
+            message = str(e).strip()
+            error = f"{type(e).__name__}: {message.splitlines()[-1] if message else ''}"
+            tqdm.write(f"{path.name} FAILED ({error}); its partial output is in {executed}")
+            return error
+        finally:
+            line.set_description_str("")
+            slots.put(line)
             course.update()
+
+    pool = ThreadPoolExecutor(max_workers=max(1, jobs))
+    try:
+        futures = [pool.submit(run, path) for path in notebooks]
+        results = {path.name: future.result() for path, future in zip(notebooks, futures)}
     finally:
-        status.close()
+        pool.shutdown(cancel_futures=True)  # after Ctrl-C no further lesson starts
+        while not slots.empty():
+            slots.get().close()
         course.close()
     executed = [out / "notebooks" / name for name in results if (out / "notebooks" / name).is_file()]
     build_site(executed, out / "html", exercises, {name: error for name, error in results.items() if error})
@@ -163,9 +181,9 @@ def run_notebooks(
 
 
 def run_course(args: argparse.Namespace) -> int:
-    """`mvae-course course --out build [--preset tiny|cpu] [--max-steps N] [--retrain]`: run every lesson
-    (with `--retrain`, each trains its reference runs into runs/retrained/ instead of loading them), build the
-    site."""
+    """`mvae-course course --out build [--preset tiny|cpu] [--max-steps N] [--retrain] [--jobs N]`: run every
+    lesson, N at a time (with `--retrain`, each trains its reference runs into runs/retrained/ instead of
+    loading them), build the site."""
     from mvae_course.grading.exercises import EXERCISES
 
     if args.preset not in SMOKE_PRESETS + CPU_PRESETS:
@@ -184,7 +202,7 @@ def run_course(args: argparse.Namespace) -> int:
     if args.retrain:
         parameters["retrain"] = True
     out = Path(args.out)
-    results = run_notebooks(notebooks, out, parameters, sorted(EXERCISES.glob("*.ipynb")))
+    results = run_notebooks(notebooks, out, parameters, sorted(EXERCISES.glob("*.ipynb")), jobs=args.jobs)
     failed = [name for name, error in results.items() if error]
     print(f"executed notebooks: {out / 'notebooks'}")
     print(f"the course site:    {out / 'html' / 'index.html'}  (open it in a browser; it works offline)")

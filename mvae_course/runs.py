@@ -14,13 +14,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from mvae_course.atomic import FileLock
 from mvae_course.checkpoint import CheckpointError, load_checkpoint
 from mvae_course.config import Config
 from mvae_course.data.text import CaptionTokenizer
 from mvae_course.device import pick_device
 from mvae_course.models.mvae import MultimodalVAE
 from mvae_course.train import TrainResult, train
-
 
 WEIGHTS = "model.safetensors"
 
@@ -88,7 +88,12 @@ def train_or_load(
     """Train a run into `out_dir`, or pick it up where it is: "load if present, else train".
 
     A finished run is loaded (train() only re-validates it), an interrupted one resumes from its last
-    checkpoint, and an empty folder trains from scratch; so a lesson never makes a reader wait twice.
+    checkpoint, and an empty folder trains from scratch; so a lesson never makes a reader wait twice. Two
+    processes asking for one run (two lessons running at once) take turns: the second loads what the first
+    trained.
     """
-    resume = (Path(out_dir) / "last.pt").exists()
-    return train(config, out_dir, resume=resume, device=device, progress=progress, data_dir=data_dir)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(out_dir.parent / f".{out_dir.name}.train.lock", f"training {out_dir}"):
+        resume = (out_dir / "last.pt").exists()
+        return train(config, out_dir, resume=resume, device=device, progress=progress, data_dir=data_dir)

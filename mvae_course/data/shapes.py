@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from mvae_course.atomic import FileLock
 from mvae_course.progress import tqdm
 
 SHAPES = ("circle", "square", "triangle", "cross", "star")
@@ -535,11 +536,17 @@ def ensure_shapes(
     holdout: str | None = None,
 ) -> Path:
     """The shapes data set at `root`: reused when already written with these parameters, else (re)generated.
+    Processes needing it at once (two lessons) take turns: the second reuses what the first wrote.
 
     Taught in notebooks/00_setup.ipynb.
     """
     _check_params(n_train, n_val, level, image_size, holdout)
     root = Path(root)
-    if _written_params(root) == _params(n_train, n_val, level, seed, image_size, holdout):
+    wanted = _params(n_train, n_val, level, seed, image_size, holdout)
+    if _written_params(root) == wanted:
         return root
-    return write_shapes(root, n_train, n_val, level, seed, image_size, holdout)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(root.parent / f".{root.name}.lock", f"writing the shapes data {root}"):
+        if _written_params(root) != wanted:  # not written by another process while this one waited
+            write_shapes(root, n_train, n_val, level, seed, image_size, holdout)
+    return root
