@@ -30,8 +30,10 @@ run: install
 site: install
 	$(PY) -m mvae_course site --out build
 
+# On a worker per core (pytest-xdist); tests/conftest.py keeps each test file in one worker, and the lessons, and
+# the grading tests, each in one worker, as they share build/smoke/ and the grader's uids.
 test: install
-	$(PY) -m pytest --durations=15
+	$(PY) -m pytest -n auto --durations=15
 
 # The inner loop: unit tests only (no notebook runs, no kernels, nothing marked slow), well under a minute.
 test-fast: install

@@ -12,6 +12,7 @@ import os
 import struct
 import zlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -21,6 +22,27 @@ from mvae_course.notebook import coco_mini_path
 
 os.environ.setdefault("MVAE_SMOKE", "1")
 os.environ.setdefault("MVAE_TEXT_PROGRESS", "1")
+
+
+# `make test` runs on a worker per core (pytest-xdist). Each test file is one unit of work, so a module's
+# fixtures are built once and a notebook's cells run in one kernel; tests that share a resource beyond a
+# temporary folder run in one unit, one after another: the lessons (nbval's runs of notebooks/, and
+# test_notebooks.py), as lessons share build/smoke/, and every test that grades, as graders pick free uids for
+# their kernels. (xdist's own `xdist_group` marks do not reach its scheduler under pytest 9, hence a scheduler here.)
+SHARED_GROUPS = {"lessons": ("test_notebooks.py", ".ipynb"),
+                 "grading": ("test_grading.py", "test_grading_attacks.py", "test_questions.py")}
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedResourceScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = nodeid.split("::", 1)[0]
+            name = file.rsplit("/", 1)[-1]
+            return next((group for group, files in SHARED_GROUPS.items() if name.endswith(files)), file)
+
+    return SharedResourceScheduling(config, log)
 
 
 @pytest.fixture(autouse=True, scope="session")
