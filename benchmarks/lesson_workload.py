@@ -1,24 +1,22 @@
-"""The lessons' own training, timed: the `cpu` preset per fusion, and every training run the lessons make.
+"""The lessons' own training, timed: the `cpu` preset (what every reference run trains) per fusion.
 
     python benchmarks/lesson_workload.py                                 # this checkout, bf16 where the CPU has it
     python benchmarks/lesson_workload.py --variant before=/tmp/old --variant after=.   # two checkouts, side by side
-    python benchmarks/lesson_workload.py --variant bf16=. --variant fp32=.:amp=off --only fusions
-    python benchmarks/lesson_workload.py --variant one=.:threads=1 --variant two=.:threads=2 --only fusions
+    python benchmarks/lesson_workload.py --variant bf16=. --variant fp32=.:amp=off
+    python benchmarks/lesson_workload.py --variant one=.:threads=1 --variant two=.:threads=2
 
 Each variant is NAME=PATH[:amp=on|off][:threads=N]: a checkout of the repository (its `mvae_course` is imported
 from PATH, so an older commit can be measured against this one; `git worktree add /tmp/old <rev>`), whether
 bf16 autocast is allowed (`train.amp`), and the torch threads it trains with (default 1). Every measurement
 runs `mvae_course.train.train` in a fresh process, and the variants take turns item by item (A B A B ...),
-so a change in the machine's load hits all of them alike. Two tables:
+so a change in the machine's load hits all of them alike. For each fusion: samples/s (the training log's, wall
+clock) and CPU seconds per 1000 steps: the CPU time of a run of `--steps` steps minus that of a run of one
+step, per step between them, so data preparation, the first validation and the first step are left out.
 
-- fusions: the `cpu` preset (what lessons 02-04 and the quality benchmark train) for each fusion: samples/s
-  (the training log's, wall clock) and CPU seconds per 1000 steps: the CPU time of a run of `--steps` steps
-  minus that of a run of 0 steps, so data preparation and the first validation are left out.
-- lessons: every training run lessons 02, 03 and 04 make with their default parameters (lesson 07 reuses
-  04's runs; lesson 06 trains 60 steps on coco-mini, not counted): wall and CPU seconds of each `train` call.
-
-The lesson configs below mirror the notebooks (notebooks/0N_*.ipynb, commit 833a9c5): keep them in step.
-Nothing here asserts a speed; benchmarks/README.md has the figures and the machine they were measured on.
+The lessons load reference runs, all of them the `cpu` preset with a change or two (`mvae_course.reference`);
+what each cost to train is in its manifest (`mvae-course reference` lists them; `make run RETRAIN=1` trains
+them all here). Nothing here asserts a speed; benchmarks/README.md has the figures and the machine they were
+measured on.
 """
 
 from __future__ import annotations
@@ -36,41 +34,6 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 FUSIONS = ("independent", "poe", "moe", "mopoe")
-
-
-def lesson_runs() -> dict[str, list[tuple[str, dict[str, Any]]]]:
-    """{lesson: [(run name, config changes)]}: each run as `base` preset + `config.replace(**changes)`.
-
-    The changes are plain dicts, so the same run builds under any version of the package.
-    """
-    l02 = {"train": {"max_steps": 500, "kl_warmup_steps": 100, "eval_every": 100, "ckpt_every": 500,
-                     "log_every": 10},
-           "model": {"fusion": "independent", "image_likelihood": "bernoulli"}}
-    l02_likelihood = {"data": {"n_train": 4000, "n_val": 500},
-                      "train": {"max_steps": 500, "kl_warmup_steps": 100, "eval_every": 500, "ckpt_every": 500,
-                                "log_every": 10}}
-    l03 = {"data": {"image_size": 32},
-           "model": {"fusion": "independent", "image_size": 32, "image_channels": [8, 16, 32], "text_weight": 1.0},
-           "train": {"max_steps": 400, "warmup_steps": 20, "eval_every": 400, "ckpt_every": 400, "log_every": 10}}
-    l03_variants = {"no remedy": {"kl_warmup_steps": 0}, "KL warm-up": {"kl_warmup_steps": 200},
-                    "KL warm-up + word dropout": {"kl_warmup_steps": 200}}
-    l04 = {"data": {"image_size": 32},
-           "model": {"image_size": 32, "image_channels": [16, 32, 64], "z_dim": 16, "emb_dim": 32, "enc_hidden": 64,
-                     "dec_hidden": 64},
-           "train": {"max_steps": 500, "warmup_steps": 20, "kl_warmup_steps": 166, "eval_every": 500,
-                     "ckpt_every": 500}}
-    return {
-        "02_image_vae": [("cpu, independent", {"base": "cpu", **l02})] + [
-            (f"tiny, {lik}", {"base": "tiny", **l02_likelihood,
-                              "model": {"fusion": "independent", "image_likelihood": lik}})
-            for lik in ("gaussian", "bernoulli", "continuous_bernoulli")],
-        "03_text_vae": [
-            (name, {"base": "cpu", **l03, "train": {**l03["train"], **train},
-                    "model": {**l03["model"], **({"word_dropout": 0.5} if "dropout" in name else {})}})
-            for name, train in l03_variants.items()],
-        "04_fusion": [(fusion, {"base": "cpu", **l04, "model": {**l04["model"], "fusion": fusion}})
-                      for fusion in FUSIONS],
-    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,7 +119,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", action="append", type=Variant.parse,
                         help="NAME=PATH[:amp=on|off][:threads=N], repeatable (default: this checkout)")
-    parser.add_argument("--only", choices=["fusions", "lessons"], help="one table only")
     parser.add_argument("--steps", type=int, default=300, help="fusions: steps per timed run (default 300)")
     parser.add_argument("--fusions", nargs="+", default=list(FUSIONS), choices=FUSIONS)
     parser.add_argument("--data-dir", type=Path, help="where the shapes data and caches go (default: a temp dir)")
@@ -175,13 +137,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = args.data_dir or Path(tmp) / "data"
         jobs: list[tuple[str, dict[str, Any]]] = []
-        if args.only != "lessons":
-            for fusion in args.fusions:
-                changes = {"base": "cpu", "model": {"fusion": fusion}}
-                jobs += [(f"fusion {fusion} {n}", {"changes": changes, "max_steps": n}) for n in (0, args.steps)]
-        if args.only != "fusions":
-            jobs += [(f"{lesson}: {name}", {"changes": changes})
-                     for lesson, runs in lesson_runs().items() for name, changes in runs]
+        for fusion in args.fusions:
+            changes = {"base": "cpu", "model": {"fusion": fusion}}
+            jobs += [(f"fusion {fusion} {n}", {"changes": changes, "max_steps": n}) for n in (1, args.steps)]
         for i, (key, job) in enumerate(jobs):
             for variant in variants:
                 out = Path(tmp) / variant.name / f"run{i}"
@@ -189,31 +147,18 @@ def main() -> None:
             print(f"{key}: " + ", ".join(f"{v.name} {v.results[key]['cpu_s']:.1f} CPU s" for v in variants),
                   flush=True)
     print(f"\n{machine_description()} (at the end)")
-    if args.only != "lessons":
-        rows = []
-        for fusion in args.fusions:
-            row: dict[str, Any] = {"fusion": fusion}
-            for v in variants:
-                timed, empty = v.results[f"fusion {fusion} {args.steps}"], v.results[f"fusion {fusion} 0"]
-                row[f"{v.name} samples/s"] = timed["samples_per_s"]
-                row[f"{v.name} CPU s / 1000 steps"] = 1000 * (timed["cpu_s"] - empty["cpu_s"]) / args.steps
-            if len(variants) > 1:
-                first, last = (row[f"{v.name} CPU s / 1000 steps"] for v in (variants[0], variants[-1]))
-                row[f"{variants[0].name} / {variants[-1].name}"] = first / last
-            rows.append(row)
-        print(f"\n### The cpu preset per fusion ({args.steps} steps, batch 64)\n\n{markdown_table(rows)}")
-    if args.only != "fusions":
-        rows = []
-        for lesson, runs in lesson_runs().items():
-            for name, _ in runs:
-                row = {"lesson": lesson, "run": name, "steps": variants[0].results[f"{lesson}: {name}"]["steps"]}
-                for v in variants:
-                    r = v.results[f"{lesson}: {name}"]
-                    row[f"{v.name} wall s"], row[f"{v.name} CPU s"] = r["wall_s"], r["cpu_s"]
-                rows.append(row)
-        totals = {"lesson": "all", "run": "total", "steps": sum(r["steps"] for r in rows)}
-        totals.update({k: sum(r[k] for r in rows) for k in rows[0] if k.endswith(" s")})
-        print(f"\n### The lessons' training runs\n\n{markdown_table(rows + [totals])}")
+    rows = []
+    for fusion in args.fusions:
+        row: dict[str, Any] = {"fusion": fusion}
+        for v in variants:
+            timed, one = v.results[f"fusion {fusion} {args.steps}"], v.results[f"fusion {fusion} 1"]
+            row[f"{v.name} samples/s"] = timed["samples_per_s"]
+            row[f"{v.name} CPU s / 1000 steps"] = 1000 * (timed["cpu_s"] - one["cpu_s"]) / (args.steps - 1)
+        if len(variants) > 1:
+            first, last = (row[f"{v.name} CPU s / 1000 steps"] for v in (variants[0], variants[-1]))
+            row[f"{variants[0].name} / {variants[-1].name}"] = first / last
+        rows.append(row)
+    print(f"\n### The cpu preset per fusion ({args.steps} steps, batch 64)\n\n{markdown_table(rows)}")
     if args.json:
         args.json.write_text(json.dumps({"machine": machine_description(), "variants": {
             v.name: {"path": str(v.path), "amp": v.amp, "threads": v.threads, "results": v.results}
