@@ -377,6 +377,9 @@ def reevaluate(names: Sequence[str | ReferenceRun] | None = None, root: str | Pa
     written = []
     for run in tqdm(runs, desc="re-evaluating", unit="run", disable=not progress):
         out = root / run.name
+        if not (out / "manifest.json").is_file():
+            raise FileNotFoundError(f"reference run {run.name!r} is not in {out}: nothing to re-evaluate; build it "
+                                    f"with `mvae-course reference --rebuild {run.name}`")
         manifest = json.loads((out / "manifest.json").read_text())
         manifest["evaluated"] = {"commit": _commit(), "created": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
         tmp = out.with_name(f".{out.name}.evaluating")
