@@ -33,17 +33,19 @@ CPU_PRESETS = ("cpu",)
 KEEP_NOTEBOOK_METADATA = ("kernelspec", "language_info")
 
 
-class _QuietSmokeDefault(logging.Filter):
-    """Papermill cannot read `smoke = os.environ.get("MVAE_SMOKE") == "1"` as a literal default and says so on
-    every run; drop those two lines so that its other warnings (a misspelt parameter) stand out."""
+class _QuietParameterParsing(logging.Filter):
+    """Papermill reads a lesson's parameters cell to list its parameters, cannot read `smoke =
+    os.environ.get("MVAE_SMOKE") == "1"` or a line whose comment holds a colon, and says so on every run;
+    drop those lines so that its other warnings (a misspelt parameter) stand out."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return "MVAE_SMOKE" not in message and message != "Passed unknown parameter: smoke"
+        return ("MVAE_SMOKE" not in message and message != "Passed unknown parameter: smoke"
+                and not message.startswith("Unable to parse line"))
 
 
 for _name in ("papermill", "papermill.translators"):
-    logging.getLogger(_name).addFilter(_QuietSmokeDefault())
+    logging.getLogger(_name).addFilter(_QuietParameterParsing())
 
 
 class KernelStatus:

@@ -170,3 +170,16 @@ def test_coco_mini_follows_the_environment(tmp_path: Path, monkeypatch: pytest.M
     assert coco_mini() == tmp_path
     assert relative(ROOT / "data" / "x") == str(Path("data") / "x")
     assert data_dir(smoke=True) != data_dir(smoke=False) and runs_dir(smoke=True).is_relative_to(ROOT / "build")
+
+
+def test_papermills_noise_about_parameter_cells_is_dropped_and_its_real_warnings_kept(caplog: pytest.LogCaptureFixture):
+    import logging
+
+    import mvae_course.course  # noqa: F401  (installs the filter)
+
+    log = logging.getLogger("papermill.translators")
+    with caplog.at_level(logging.WARNING, logger="papermill.translators"):
+        log.warning("Unable to parse line 4 'max_steps = None  # unused: this lesson trains nothing'.")
+        log.warning("Passed unknown parameter: smoke")
+        log.warning("Passed unknown parameter: max_stpes")
+    assert [r.getMessage() for r in caplog.records] == ["Passed unknown parameter: max_stpes"]
