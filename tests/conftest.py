@@ -28,7 +28,7 @@ os.environ.setdefault("MVAE_TEXT_PROGRESS", "1")
 # fixtures are built once and a notebook's cells run in one kernel; tests that share a resource beyond a
 # temporary folder run in one unit, one after another: the lessons (nbval's runs of notebooks/, and
 # test_notebooks.py), as lessons share build/smoke/, and every test that grades, as graders pick free uids for
-# their kernels. (xdist's own `xdist_group` marks do not reach its scheduler under pytest 9, hence a scheduler here.)
+# their kernels. (xdist's own `xdist_group` marks do not reach its scheduler under pytest 9: hence this one.)
 SHARED_GROUPS = {"lessons": ("test_notebooks.py", ".ipynb"),
                  "grading": ("test_grading.py", "test_grading_attacks.py", "test_questions.py")}
 
