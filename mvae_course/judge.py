@@ -184,6 +184,17 @@ def _load_classifier(path: Path, key: str, device: str | torch.device) -> Attrib
     return clf.to(device).eval()
 
 
+def saved_judge(key: str, cache_dir: str | Path, device: str | torch.device = "cpu",
+                ) -> tuple[AttributeClassifier, Path] | None:
+    """The judge `key` and the file it was read from: the one shipped in `JUDGES`, else the one in
+    `cache_dir`, passing over a file that is corrupt or stale; None when neither holds it."""
+    for path in (JUDGES / judge_file(key), Path(cache_dir) / judge_file(key)):
+        clf = _load_classifier(path, key, device) if path.is_file() else None
+        if clf is not None:
+            return clf, path
+    return None
+
+
 def load_or_train_classifier(train_cache: CaptionCache, val_cache: CaptionCache, attributes: Sequence[str], cache_dir: str | Path,
                              steps: int = STEPS, device: str | torch.device = "cpu",
                              ) -> tuple[AttributeClassifier, dict[str, float]]:
@@ -203,11 +214,8 @@ def load_or_train_classifier(train_cache: CaptionCache, val_cache: CaptionCache,
     classes = {a: ATTRIBUTE_VALUES[a] for a in attributes}
     key = judge_key(train_cache, attributes, steps)
     path = Path(cache_dir) / judge_file(key)
-    clf = None
-    for saved in (JUDGES / judge_file(key), path):  # the shipped judge of this data, else this cache's
-        clf = _load_classifier(saved, key, device) if saved.is_file() else None
-        if clf is not None:
-            break
+    found = saved_judge(key, cache_dir, device)
+    clf = found[0] if found else None
     if clf is None:
         # One thread, so the judge does not depend on the thread setting of whichever process trains it first
         # (reductions split over threads sum in another order, and a different judge reads some images otherwise).

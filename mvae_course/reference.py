@@ -43,7 +43,7 @@ from mvae_course.data.prepare import prepare_data
 from mvae_course.data.shapes import attributes_at_level
 from mvae_course.data.text import CaptionTokenizer
 from mvae_course.evaluate import evaluate_run
-from mvae_course.judge import JUDGES, STEPS, judge_file, judge_key
+from mvae_course.judge import JUDGES, STEPS, judge_file, judge_key, saved_judge
 from mvae_course.models.mvae import MultimodalVAE
 from mvae_course.runs import WEIGHTS, export_weights, load_model, train_or_load
 
@@ -357,9 +357,11 @@ def _keep_judge(run: Path, data_dir: Path, judges: Path, steps: int) -> Path | N
     if config.data.dataset != "shapes":
         return None
     _, train_cache, _ = prepare_data(config, data_dir, tokenizer)
-    name = judge_file(judge_key(train_cache, attributes_at_level(config.data.level), steps))
-    kept = judges / name
-    source = JUDGES / name if (JUDGES / name).is_file() else data_dir / "cache" / name
+    key = judge_key(train_cache, attributes_at_level(config.data.level), steps)
+    found = saved_judge(key, data_dir / "cache")  # where evaluate_run read it from
+    if found is None:
+        raise FileNotFoundError(f"the judge that evaluated {run} is neither in {JUDGES} nor in {data_dir / 'cache'}")
+    source, kept = found[1], judges / judge_file(key)
     if source.resolve() != kept.resolve():
         judges.mkdir(parents=True, exist_ok=True)
         shutil.copy(source, kept)

@@ -3,8 +3,8 @@ several at once, and reports the ones that fail.
 
 The lessons themselves run in nbval (configured in pyproject.toml): it executes each committed notebook in smoke
 mode, fails on any cell that raises (a `claim` that does not hold among them), and compares the outputs of the
-cells marked `# NBVAL_CHECK_OUTPUT` with the committed ones. (Each lesson ran once more here with papermill until
-`make test` had to fit in 5 minutes; the runner's tests below keep papermill's parameter injection tested.)
+cells marked `# NBVAL_CHECK_OUTPUT` with the committed ones; the runner's tests below cover papermill's
+parameter injection.
 """
 
 from __future__ import annotations
