@@ -121,6 +121,8 @@ def main() -> None:
                         help="NAME=PATH[:amp=on|off][:threads=N], repeatable (default: this checkout)")
     parser.add_argument("--steps", type=int, default=300, help="fusions: steps per timed run (default 300)")
     parser.add_argument("--fusions", nargs="+", default=list(FUSIONS), choices=FUSIONS)
+    parser.add_argument("--preset", default="cpu", choices=["cpu", "tiny"],
+                        help="what the lessons train (cpu, the default) or tiny (a smoke run of this script)")
     parser.add_argument("--data-dir", type=Path, help="where the shapes data and caches go (default: a temp dir)")
     parser.add_argument("--json", type=Path, help="also write every measurement here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -138,7 +140,7 @@ def main() -> None:
         data_dir = args.data_dir or Path(tmp) / "data"
         jobs: list[tuple[str, dict[str, Any]]] = []
         for fusion in args.fusions:
-            changes = {"base": "cpu", "model": {"fusion": fusion}}
+            changes = {"base": args.preset, "model": {"fusion": fusion}}
             jobs += [(f"fusion {fusion} {n}", {"changes": changes, "max_steps": n}) for n in (1, args.steps)]
         for i, (key, job) in enumerate(jobs):
             for variant in variants:
@@ -158,7 +160,9 @@ def main() -> None:
             first, last = (row[f"{v.name} CPU s / 1000 steps"] for v in (variants[0], variants[-1]))
             row[f"{variants[0].name} / {variants[-1].name}"] = first / last
         rows.append(row)
-    print(f"\n### The cpu preset per fusion ({args.steps} steps, batch 64)\n\n{markdown_table(rows)}")
+    batch = variants[0].results[jobs[-1][0]]["batch"]
+    title = f"The {args.preset} preset per fusion ({args.steps} steps, batch {batch})"
+    print(f"\n### {title}\n\n{markdown_table(rows)}")
     if args.json:
         args.json.write_text(json.dumps({"machine": machine_description(), "variants": {
             v.name: {"path": str(v.path), "amp": v.amp, "threads": v.threads, "results": v.results}

@@ -7,6 +7,7 @@ Taught in notebooks/07_coco_training.ipynb.
     python benchmarks/train_throughput.py gpu --device cuda        # coco_gpu at COCO size (gpu_check.sh)
     python benchmarks/train_throughput.py gpu --device cpu --smoke # the same code, tiny, on a CPU
     python benchmarks/train_throughput.py flops --threads 1        # FLOPs per sample vs the matmul peak
+    python benchmarks/train_throughput.py profile --threads 1      # where a step's time goes, by kind of op
 
 `compare` (the default) times every rung of the lever ladder (naive, + cache, + compact_vocab,
 + dynamic_padding, + real_token_logits, + bf16, then any --extra) in alternating rounds on each data set and
@@ -16,6 +17,12 @@ prints a Markdown table per data set.
 synthetic COCO-sized set and of the `cpu` preset on shapes (what the lessons train), times them in turn in
 CPU seconds, measures this machine's fp32 and bf16 matrix-product peak in the same run, and prints the
 achieved GFLOP per CPU second as a fraction of the peak of the pipeline's precision.
+
+`profile` says what holds a step back from that peak: `torch.profiler` over a few steps of the `cpu` preset's
+mopoe (bf16 and fp32) and of the course pipeline on a synthetic COCO-sized set, the time split into matrix
+products, convolutions and everything else (the ops that do no FLOPs), each with its GFLOP/s, beside the
+matrix-product rates at 1024 x 1024 and at the sizes of the `cpu` preset's GRU products (batch x hidden x
+3 hidden).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -33,12 +41,14 @@ from mvae_course.config import preset
 from mvae_course.data.prepare import data_root, prepare_data
 from mvae_course.data.synthetic import make_synthetic_coco
 from mvae_course.device import amp_dtype
+from mvae_course.kernels import KINETO_QUIET
 from mvae_course.notebook import coco_mini_path, markdown_table
 from mvae_course.throughput import (
     COURSE,
     LEVERS,
     NAIVE,
     Levers,
+    TrainData,
     build_pipeline,
     compare,
     cpu_samples_per_s,
@@ -49,6 +59,7 @@ from mvae_course.throughput import (
     load_train_data,
     machine_description,
     matmul_peak,
+    step_profile,
 )
 
 DEFAULT_ROOT = coco_mini_path()
@@ -88,16 +99,23 @@ def cmd_compare(args: argparse.Namespace) -> None:
             print(run_ladder(data, ladder, args), flush=True)
 
 
+def coco_and_shapes(tmp: Path, args: argparse.Namespace) -> tuple[TrainData, TrainData]:
+    """The synthetic COCO-sized set and the shapes set the lessons train on (the `cpu` preset's), in `tmp`."""
+    coco = load_train_data(make_synthetic_coco(tmp / "synthetic-coco", n_images=args.synthetic_images),
+                           args.split, tmp / "cache")
+    cpu = preset("cpu")
+    prepare_data(cpu, tmp / "data")  # in COCO's layout
+    shapes = load_train_data(data_root(cpu, tmp / "data"), cpu.data.train_split, tmp / "cache",
+                             cpu.data.image_size)
+    return coco, shapes
+
+
 def cmd_flops(args: argparse.Namespace) -> None:
     print(f"{machine_description()}\n{torch.get_num_threads()} thread(s), batch {args.batch_size}, "
           f"{args.rounds} rounds of one step per pipeline, in turn")
     cpu = preset("cpu")
     with tempfile.TemporaryDirectory() as tmp:
-        coco = load_train_data(make_synthetic_coco(Path(tmp) / "synthetic-coco", n_images=args.synthetic_images),
-                               args.split, Path(tmp) / "cache")
-        prepare_data(cpu, Path(tmp) / "data")  # the shapes set the lessons train on, in COCO's layout
-        shapes = load_train_data(data_root(cpu, Path(tmp) / "data"), cpu.data.train_split, Path(tmp) / "cache",
-                                 cpu.data.image_size)
+        coco, shapes = coco_and_shapes(Path(tmp), args)
         setups = [("naive (COCO-sized)", NAIVE, coco, None), ("course (COCO-sized)", COURSE, coco, None),
                   ("course fp32 (COCO-sized)", dataclasses.replace(COURSE, bf16=False), coco, None),
                   ("cpu preset mopoe (shapes)", COURSE, shapes, dataclasses.replace(cpu.model, fusion="mopoe")),
@@ -121,6 +139,30 @@ def cmd_flops(args: argparse.Namespace) -> None:
           + ", ".join(f"{str(d).removeprefix('torch.')} {peaks[d]:.0f} / {peaks_after[d]:.0f} GFLOP per CPU s"
                       for d in peaks))
     print(f"\n{markdown_table(rows)}\n\n{machine_description()} (at the end)")
+
+
+def cmd_profile(args: argparse.Namespace) -> None:
+    os.environ.update(KINETO_QUIET)  # without CUDA, no "gpuGetDeviceCount failed" when a profile ends
+    print(f"{machine_description()}\n{torch.get_num_threads()} thread(s), batch {args.batch_size}, "
+          f"{args.steps} profiled steps per set-up after {args.warmup} warm-up step(s)")
+    cpu = preset("cpu")
+    mopoe = dataclasses.replace(cpu.model, fusion="mopoe")
+    fp32 = dataclasses.replace(COURSE, bf16=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        coco, shapes = coco_and_shapes(Path(tmp), args)
+        for name, levers, data, model in [("cpu preset mopoe (shapes), bf16", COURSE, shapes, mopoe),
+                                          ("cpu preset mopoe (shapes), fp32", fp32, shapes, mopoe),
+                                          ("course (COCO-sized), bf16", COURSE, coco, None)]:
+            pipeline = build_pipeline(levers, data, args.batch_size, "cpu", model, name=name)
+            rows = step_profile(pipeline, args.steps, args.warmup)
+            print(f"\n{name}:\n\n{markdown_table(rows)}", flush=True)
+    H = cpu.model.dec_hidden
+    shapes_of = [(1024, 1024, 1024), (args.batch_size, H, 3 * H), (3 * args.batch_size, H, 3 * H)]
+    print("\nmatrix products, GFLOP per CPU s (best of 3 s): " + "; ".join(
+        f"{m} x {k} x {n}: " + ", ".join(f"{str(d).removeprefix('torch.')} {matmul_peak(d, n, m=m, k=k):.0f}"
+                                         for d in (torch.float32, torch.bfloat16))
+        for m, k, n in shapes_of))
+    print(f"\n{machine_description()} (at the end)")
 
 
 def cmd_gpu(args: argparse.Namespace) -> None:
@@ -152,7 +194,8 @@ def cmd_gpu(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", nargs="?", default="compare", choices=["compare", "flops", "gpu"])
+    parser.add_argument("command", nargs="?", default="compare",
+                        choices=["compare", "flops", "profile", "gpu"])
     parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="a COCO folder (default: coco-mini)")
     parser.add_argument("--split", default="train2017")
     parser.add_argument("--datasets", nargs="+", default=["coco-mini", "synthetic"],
@@ -161,7 +204,8 @@ def main() -> None:
     parser.add_argument("--extra", nargs="*", default=[], choices=LEVERS, help="levers to add on top")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (flops: of one step per pipeline)")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per pipeline per round")
+    parser.add_argument("--steps", type=int, default=3,
+                        help="timed steps per pipeline per round (profile: profiled steps)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per pipeline first")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, one per core); "
@@ -171,7 +215,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    commands = {"compare": cmd_compare, "flops": cmd_flops, "gpu": cmd_gpu}
+    commands = {"compare": cmd_compare, "flops": cmd_flops, "profile": cmd_profile, "gpu": cmd_gpu}
     commands[args.command](args)
 
 

@@ -322,23 +322,82 @@ def flops_per_sample(pipeline: Pipeline) -> float:
     return counter.get_total_flops() / samples
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 1024, seconds: float = 1.0, repeats: int = 3) -> float:
-    """GFLOP per CPU second of n x n matrix products in `dtype`: this machine's practical peak.
+def matmul_peak(dtype: torch.dtype, n: int = 1024, seconds: float = 1.0, repeats: int = 3,
+                m: int | None = None, k: int | None = None) -> float:
+    """GFLOP per CPU second of (m x k) @ (k x n) matrix products in `dtype` (m = k = n unless given): with
+    the default 1024 x 1024, this machine's practical peak; with a step's own sizes, what those reach.
 
     CPU seconds (`time.process_time`), not wall seconds: on a shared machine they leave out the time the
     process waits for a core, and with several threads they count each thread's time (a per-core figure).
     The best of `repeats` runs of `seconds` each.
     """
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    m, k = m or n, k or n
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
     a @ b  # the first call picks and builds the kernel
     best = 0.0
     for _ in range(repeats):
-        start, k = time.process_time(), 0
+        start, calls = time.process_time(), 0
         while time.process_time() - start < seconds:
             a @ b
-            k += 1
-        best = max(best, 2 * n**3 * k / (time.process_time() - start) / 1e9)
+            calls += 1
+        best = max(best, 2 * m * k * n * calls / (time.process_time() - start) / 1e9)
     return best
+
+
+# What a profiled op's leaf name does: matrix products and convolutions do the FLOPs `FlopCounterMode` counts;
+# everything else (elementwise arithmetic, the GRUs' gates, copies, reductions, the optimiser) does none.
+MATRIX_PRODUCTS = frozenset({"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::mv",
+                             "aten::addmv"})
+OP_KINDS = ("matrix products", "convolutions", "everything else")
+
+
+def op_kind(name: str) -> str:
+    """One of OP_KINDS for an op name, the profiler's ("aten::mm") or `FlopCounterMode`'s ("aten.mm")."""
+    name = name.replace(".", "::", 1) if "::" not in name else name
+    if name in MATRIX_PRODUCTS:
+        return "matrix products"
+    return "convolutions" if "convolution" in name else "everything else"
+
+
+def step_profile(pipeline: Pipeline, steps: int = 5, warmup: int = 1,
+                 top: int = 5) -> list[dict[str, float | str]]:
+    """Where a training step's CPU time goes, by OP_KINDS, then the `top` costliest ops of "everything else":
+    op calls per step (those that other ops make included), ms per step (`torch.profiler`'s self CPU time of
+    each op, summed), share of the step, GFLOP per step (`FlopCounterMode`) and GFLOP/s.
+
+    The profiler adds a few microseconds to every op, so the many small ops of "everything else" weigh a
+    little more here than in an unprofiled step; the matrix products' and convolutions' rates are their own.
+    """
+    for _ in range(warmup):
+        pipeline.step()
+    with FlopCounterMode(display=False) as counter:
+        pipeline.step()
+    flops = dict.fromkeys(OP_KINDS, 0.0)
+    for op, count in counter.get_flop_counts()["Global"].items():
+        flops[op_kind(str(op))] += count
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        for _ in range(steps):
+            pipeline.step()
+    ms, calls = dict.fromkeys(OP_KINDS, 0.0), dict.fromkeys(OP_KINDS, 0.0)
+    other: dict[str, tuple[float, float]] = {}  # op: (ms, calls) per step
+    for event in profile.key_averages():
+        kind, event_ms = op_kind(event.key), event.self_cpu_time_total / 1e3 / steps
+        event_calls = event.count / steps
+        ms[kind] += event_ms
+        calls[kind] += event_calls
+        if kind == "everything else":
+            other[event.key] = (event_ms, event_calls)
+    total = sum(ms.values())
+
+    def row(name: str, op_calls: float, op_ms: float, op_flops: float) -> dict[str, float | str]:
+        return {"ops": name, "calls / step": round(op_calls), "ms / step": op_ms,
+                "share": f"{100 * op_ms / total:.0f}%", "GFLOP / step": op_flops / 1e9,
+                "GFLOP/s": op_flops / 1e6 / op_ms if op_flops else 0.0}
+
+    rows = [row(kind, calls[kind], ms[kind], flops[kind]) for kind in OP_KINDS]
+    costliest = sorted(other, key=lambda name: other[name][0], reverse=True)[:top]
+    rows += [row(f"of which {name}", other[name][1], other[name][0], 0.0) for name in costliest]
+    return rows + [row("the step", sum(calls.values()), total, sum(flops.values()))]
 
 
 def cpu_samples_per_s(pipelines: list[Pipeline], rounds: int = 10, warmup: int = 1) -> list[float]:

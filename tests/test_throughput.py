@@ -4,6 +4,8 @@ No timing assertions here: speed is measured by benchmarks/train_throughput.py, 
 """
 
 import dataclasses
+import importlib.util
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -19,16 +21,21 @@ from mvae_course.throughput import (
     COURSE,
     MAX_TOKENS,
     NAIVE,
+    OP_KINDS,
     FullLogitsVAE,
     Levers,
     bert_to_compact,
     build_pipeline,
     collate_bert,
     compare,
+    flops_per_sample,
     format_table,
     gpu_epoch_check,
     lever_ladder,
     load_train_data,
+    matmul_peak,
+    op_kind,
+    step_profile,
 )
 from mvae_course.data.synthetic import make_synthetic_coco, synthetic_cache, synthetic_captions
 
@@ -65,6 +72,39 @@ def test_pipelines_see_the_batches_their_levers_describe(data):
     assert course["text"].shape[1] == int(course["lengths"].max()) < MAX_TOKENS
     assert int(course["text"].max()) < data.tokenizer.vocab_size
     assert naive["image"].shape == course["image"].shape == (4, 3, TINY.image_size, TINY.image_size)
+
+
+def test_op_kinds_read_profiler_and_flop_counter_names():
+    assert op_kind("aten::addmm") == op_kind("aten.bmm") == "matrix products"
+    assert op_kind("aten::convolution_backward") == op_kind("aten.convolution") == "convolutions"
+    assert op_kind("aten::add_") == op_kind("aten.sigmoid") == op_kind("Optimizer.step#AdamW.step") \
+        == "everything else"
+
+
+def test_flops_per_sample_counts_fewer_for_the_course_than_the_naive_pipeline(data):
+    naive = flops_per_sample(build_pipeline(NAIVE, data, batch_size=4, model_config=TINY))
+    course = flops_per_sample(build_pipeline(COURSE, data, batch_size=4, model_config=TINY))
+    # The same networks; the naive decoder also scores every padded position against BERT's 30522 ids.
+    assert 0 < course < naive
+
+
+def test_step_profile_splits_the_step_by_kind_of_op(data):
+    pipeline = build_pipeline(COURSE, data, batch_size=4, model_config=TINY)
+    rows = step_profile(pipeline, steps=2, top=3)
+    by_name = {r["ops"]: r for r in rows}
+    assert [r["ops"] for r in rows[:3]] == list(OP_KINDS) and rows[-1]["ops"] == "the step"
+    assert len(rows) == 3 + 3 + 1 and all(r["ops"].startswith("of which ") for r in rows[3:-1])
+    step = by_name["the step"]
+    assert step["ms / step"] == pytest.approx(sum(by_name[k]["ms / step"] for k in OP_KINDS))
+    assert by_name["matrix products"]["GFLOP / step"] > 0 and by_name["convolutions"]["GFLOP / step"] > 0
+    assert by_name["everything else"]["GFLOP / step"] == 0  # elementwise work does no counted FLOPs
+    assert all(0 < r["ms / step"] <= by_name["everything else"]["ms / step"] for r in rows[3:-1])
+    assert step["calls / step"] == sum(by_name[k]["calls / step"] for k in OP_KINDS) > 0
+
+
+def test_matmul_peak_of_a_rectangular_product():
+    rate = matmul_peak(torch.float32, n=48, m=8, k=16, seconds=0.02, repeats=1)
+    assert 0 < rate < 1e5  # GFLOP per CPU s: positive, and not absurd for one core
 
 
 def test_naive_and_course_text_losses_agree_when_the_vocabularies_map(data):
@@ -153,6 +193,31 @@ def test_gpu_check_command_smoke_on_cpu():
                            "--device", "cpu", "--smoke"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "projected epoch" in done.stdout and "| course" in done.stdout  # "course (bf16)" where bf16 runs
+
+
+def test_lesson_workload_command_smoke(tmp_path, monkeypatch, capsys):
+    # Its 1-step baseline once broke unnoticed (a 0-step run became an error): run its main, tiny, with two
+    # variants, each job in this process (the script starts an interpreter per job: only slower here).
+    path = REPO / "benchmarks" / "lesson_workload.py"
+    script = importlib.util.module_from_spec(importlib.util.spec_from_file_location("lesson_workload", path))
+    monkeypatch.setitem(sys.modules, "lesson_workload", script)  # its dataclasses look their module up there
+    script.__spec__.loader.exec_module(script)
+    monkeypatch.setattr(script, "run_job", lambda v, job: script.work({**job, "amp": v.amp,
+                                                                        "threads": v.threads}))
+    monkeypatch.setattr(sys, "argv", ["lesson_workload.py", "--preset", "tiny", "--fusions", "poe", "--steps",
+                                      "3", "--data-dir", str(tmp_path), "--variant", f"a={REPO}",
+                                      "--variant", f"b={REPO}:amp=off"])
+    threads = torch.get_num_threads()
+    try:
+        script.main()
+    finally:
+        torch.set_num_threads(threads)  # a job sets the variant's
+    out = capsys.readouterr().out
+    assert "### The tiny preset per fusion (3 steps, batch 32)" in out
+    row = next(line for line in out.splitlines() if line.startswith("| poe |"))
+    cells = [float(c) for c in row.strip("|").split("|")[1:]]  # a's, b's samples/s, CPU s / 1000 steps; a / b
+    assert len(cells) == 5 and all(math.isfinite(c) for c in cells)
+    assert cells[0] > 0 and cells[2] > 0  # samples/s from the logs (CPU s differences are noise at 3 steps)
 
 
 @pytest.mark.gpu
