@@ -19,7 +19,6 @@ import matplotlib.pyplot as plt
 import torch
 from matplotlib.figure import Figure
 from torch import Tensor
-from torchvision.utils import make_grid
 
 from mvae_course.metrics_log import read_metrics
 
@@ -97,6 +96,25 @@ def plot_loss_terms(metrics: str | Path | Mapping[str, Sequence] | Sequence[Mapp
     return fig
 
 
+def make_grid(images: Tensor, nrow: int = 8, padding: int = 2, pad_value: float = 1.0) -> Tensor:
+    """Tile a batch of images into one: rows of `nrow`, `padding` pixels of `pad_value` around each.
+
+    images: B x 3 x H x W. Returns 3 x (rows (H + padding) + padding) x (columns (W + padding) + padding),
+    or a lone image as it is: what torchvision's `make_grid` returns (tests/test_plots.py compares them),
+    without importing torchvision, which takes seconds, at the start of every lesson.
+    """
+    B, C, H, W = images.shape
+    if B == 1:
+        return images[0]
+    columns = min(nrow, B)
+    rows = math.ceil(B / columns)
+    grid = images.new_full((C, rows * (H + padding) + padding, columns * (W + padding) + padding), pad_value)
+    for k, image in enumerate(images):
+        top, left = padding + (k // columns) * (H + padding), padding + (k % columns) * (W + padding)
+        grid[:, top : top + H, left : left + W] = image
+    return grid
+
+
 def image_grid(images: Tensor, nrow: int = 8, title: str = "Images") -> Figure:
     """Show a batch of images (B x 3 x H x W in [0, 1]) as one grid.
 
@@ -104,7 +122,7 @@ def image_grid(images: Tensor, nrow: int = 8, title: str = "Images") -> Figure:
     """
     if images.dim() != 4:
         raise ValueError(f"images must be B x C x H x W, got shape {tuple(images.shape)}")
-    grid = make_grid(images.detach().float().cpu().clamp(0, 1), nrow=nrow, padding=2, pad_value=1.0)
+    grid = make_grid(images.detach().float().cpu().clamp(0, 1), nrow=nrow)
     rows = math.ceil(images.shape[0] / nrow)
     fig, ax = plt.subplots(figsize=(1.2 * min(nrow, images.shape[0]) + 1, 1.2 * rows + 0.8))
     ax.imshow(grid.permute(1, 2, 0).numpy())
@@ -125,7 +143,7 @@ def image_rows(rows: Mapping[str, Tensor], title: str, column_labels: Sequence[s
     fig, axes = plt.subplots(len(rows), 1, figsize=(12, 1.25 * len(rows) + 0.5), squeeze=False,
                              layout="constrained")
     for ax, (label, images) in zip(axes[:, 0], rows.items()):
-        grid = make_grid(images.detach().float().cpu().clamp(0, 1), nrow=images.shape[0], padding=2, pad_value=1.0)
+        grid = make_grid(images.detach().float().cpu().clamp(0, 1), nrow=images.shape[0])
         ax.imshow(grid.permute(1, 2, 0).numpy())
         ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
         ax.set_xticks([])

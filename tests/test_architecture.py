@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
@@ -92,6 +94,20 @@ def layer_violations(package: Path, layers: dict[str, int]) -> list[str]:
 
 def test_every_module_is_placed_and_every_import_points_down():
     assert layer_violations(PACKAGE, layer_table(ARCHITECTURE.read_text(encoding="utf-8"))) == []
+
+
+def test_what_the_lessons_import_leaves_torchvision_and_transformers_out():
+    # Each takes seconds to import (torchvision brings torch._dynamo), at the start of every lesson's kernel,
+    # every grader's kernel and every training process; they load where they are used (lesson 07's naive
+    # pipeline, the WordPiece tokenizer).
+    modules = ["notebook", "plots", "train", "evaluate", "reference", "compare", "judge", "data.prepare",
+               "data.cache", "data.coco", "data.shapes", "models.mvae"]
+    code = (f"import sys, {', '.join('mvae_course.' + m for m in modules)}; "
+            "print(sorted(m for m in ('torchvision', 'transformers') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]", done.stdout
 
 
 def test_a_planted_upward_import_is_caught(tmp_path):

@@ -18,9 +18,11 @@ from mvae_course.data.coco import (
     collate_captions,
     describe_bad_entries,
     load_coco,
+    image_to_tensor,
     load_image,
     read_annotations,
     read_captions,
+    resize_center_crop,
 )
 from mvae_course.data.text import EOS, PAD, CaptionTokenizer
 from conftest import jpeg_bytes, need_coco_mini, png_bomb, three_images, write_coco
@@ -85,6 +87,19 @@ def test_geometry_is_resize_shorter_side_then_center_crop(tmp_path):
     inner = out[:, :, 1:-1]  # the outermost columns blend with the cropped-off thirds
     # Only the green middle third is left.
     assert inner[1].min() > 0.99 and inner[0].max() < 0.01 and inner[2].max() < 0.01
+
+
+@pytest.mark.parametrize("width, height", [(640, 480), (480, 640), (333, 500), (65, 63), (1000, 37),
+                                           (37, 1000)])
+def test_resize_and_crop_are_torchvisions_pixel_for_pixel(width, height):
+    # The course does them with PIL itself (torchvision takes seconds to import); the cache must not change.
+    img = Image.fromarray(np.random.default_rng(width).integers(0, 256, (height, width, 3), dtype=np.uint8))
+    for size in (32, 37, 64):
+        ours = resize_center_crop(img, size)
+        theirs = transforms.CenterCrop(size)(transforms.Resize(size)(img))
+        assert ours.size == theirs.size == (size, size)
+        assert np.array_equal(np.asarray(ours), np.asarray(theirs)), (width, height, size)
+        assert torch.equal(image_to_tensor(ours), transforms.ToTensor()(theirs))
 
 
 def test_jpeg_is_decoded_at_reduced_size_close_to_full_decode(tmp_path):

@@ -7,6 +7,7 @@ import torch
 
 from mvae_course.plots import (
     image_grid,
+    make_grid,
     plot_comparison,
     plot_cross_modal,
     plot_latent_2d,
@@ -102,3 +103,13 @@ def test_latent_2d_pca_separates_clusters():
     assert (a.max() < b.min()) or (b.max() < a.min())  # the first component splits the two clusters
     with pytest.raises(ValueError, match="labels"):
         plot_latent_2d(z, labels[:3])
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8, 9])
+def test_make_grid_tiles_as_torchvision_does(batch):
+    from torchvision.utils import make_grid as torchvision_make_grid
+
+    images = torch.rand(batch, 3, 5, 7)
+    for nrow in (1, 4, 8):
+        theirs = torchvision_make_grid(images, nrow=nrow, pad_value=1.0)
+        assert torch.equal(make_grid(images, nrow=nrow), theirs)

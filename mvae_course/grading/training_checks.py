@@ -13,24 +13,10 @@ from torch import Tensor
 from mvae_course.config import preset
 from mvae_course.grading.diagnosis import DiagnosisJudge, curve, diverge, run_folder, shuffled, uniform
 from mvae_course.grading.question import Case, Question, ReferenceJudge, case
+from mvae_course.train import kl_beta, lr_factor
 
 NOTEBOOK = "07_coco_training_exercises"
 COCO_TRAIN_IMAGES = 118_287
-
-
-def kl_beta(step: int, warmup: int) -> float:
-    """train.kl_beta, imported when first used: importing mvae_course.train (and torchvision with it) would
-    slow every `check` of the course down by seconds."""
-    from mvae_course.train import kl_beta as beta
-
-    return beta(step, warmup)
-
-
-def lr_factor(step: int, warmup: int, total: int) -> float:
-    """train.lr_factor, imported when first used (see kl_beta)."""
-    from mvae_course.train import lr_factor as factor
-
-    return factor(step, warmup, total)
 
 
 # --- q32: steps per epoch, and where the KL warm-up ends ----------------------------------------------
