@@ -132,7 +132,7 @@ def main() -> None:
         return
     # Imported here, not at the top: a worker imports its variant's package, which may predate these.
     from mvae_course.notebook import markdown_table
-    from mvae_course.throughput import machine_description
+    from mvae_course.device import machine_description
 
     variants = args.variant or [Variant.parse(f"this={REPO}")]
     print(machine_description())

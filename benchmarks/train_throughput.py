@@ -40,7 +40,7 @@ import torch
 from mvae_course.config import preset
 from mvae_course.data.prepare import data_root, prepare_data
 from mvae_course.data.synthetic import make_synthetic_coco
-from mvae_course.device import amp_dtype
+from mvae_course.device import amp_dtype, machine_description
 from mvae_course.kernels import KINETO_QUIET
 from mvae_course.notebook import coco_mini_path, markdown_table
 from mvae_course.throughput import (
@@ -57,7 +57,6 @@ from mvae_course.throughput import (
     gpu_epoch_check,
     lever_ladder,
     load_train_data,
-    machine_description,
     matmul_peak,
     step_profile,
 )

@@ -8,6 +8,8 @@ Training and validation run under `autocast`: bf16 matrix products where the har
 from __future__ import annotations
 
 import functools
+import os
+import platform
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -112,3 +114,11 @@ def autocast(device: torch.device, enabled: bool) -> ContextManager:
     if amp_dtype(device, enabled) == torch.bfloat16:
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
+
+
+def machine_description() -> str:
+    """The machine a speed was measured on, in one line: CPU, cores, bf16 arithmetic, torch, load average."""
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "unknown"
+    return (f"{cpuinfo().get('model name', platform.processor() or 'unknown CPU')}, {os.cpu_count()} cores, "
+            f"bf16 arithmetic {'yes' if cpu_has_bf16() else 'no'}, torch {torch.__version__}, "
+            f"load average {load}")

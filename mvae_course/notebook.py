@@ -12,13 +12,17 @@ and every such number is checked by `claim`.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import psutil
+
 from mvae_course.config import Config, preset
 from mvae_course.data.cache import CaptionCache
 from mvae_course.data.prepare import prepare_data
+from mvae_course.device import machine_description
 from mvae_course.reference import REFERENCE, Reference, load_reference, rebuild, reference_run, training_cost
 from mvae_course.runs import train_or_load
 from mvae_course.train import TrainResult
@@ -27,6 +31,17 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository (the package is installed editable)
+
+
+def run_time(smoke: bool) -> str:
+    """What this run of a lesson took, beside the "Time" line of its first cell: the CPU and wall seconds of
+    the kernel since it started, the mode and the machine, in one sentence.
+
+    Taught in notebooks/00_setup.ipynb.
+    """
+    cpu, wall = time.process_time(), time.time() - psutil.Process().create_time()
+    return (f"This run took {cpu:.0f} s of CPU time and {wall:.0f} s of wall time (the kernel's, since it "
+            f"started), {'in smoke mode' if smoke else 'with the defaults'}, on {machine_description()}.")
 
 
 def data_dir(smoke: bool) -> Path:

@@ -28,8 +28,6 @@ import contextlib
 import dataclasses
 import io
 import math
-import os
-import platform
 import random
 import time
 from collections.abc import Iterable, Iterator
@@ -54,7 +52,7 @@ from mvae_course.data.synthetic import (
     synthetic_cache,
 )
 from mvae_course.data.text import BERT_VOCAB_SIZE, PAD, UNK, CaptionTokenizer, bert_tokenizer
-from mvae_course.device import amp_dtype, autocast, cpu_has_bf16, cpuinfo, has_fused_adamw
+from mvae_course.device import amp_dtype, autocast, has_fused_adamw
 from mvae_course.models.mvae import MultimodalVAE
 
 MAX_TOKENS = 32  # the naive pipeline pads (and truncates) every caption to this, EOS included
@@ -296,14 +294,6 @@ def build_pipeline(levers: Levers, data: TrainData, batch_size: int = 64, device
 # ---------------------------------------------------------------------------------------------
 # Measuring
 # ---------------------------------------------------------------------------------------------
-
-
-def machine_description() -> str:
-    """The machine a speed was measured on, in one line: CPU, cores, bf16 arithmetic, torch, load average."""
-    load = " ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "unknown"
-    return (f"{cpuinfo().get('model name', platform.processor() or 'unknown CPU')}, {os.cpu_count()} cores, "
-            f"bf16 arithmetic {'yes' if cpu_has_bf16() else 'no'}, torch {torch.__version__}, "
-            f"load average {load}")
 
 
 # ---------------------------------------------------------------------------------------------

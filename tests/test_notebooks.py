@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import ast
 import os
+import re
+import time
 from pathlib import Path
 
 import nbformat
@@ -26,7 +28,16 @@ from mvae_course.course import (
     run_notebooks,
     strip_run_metadata,
 )
-from mvae_course.notebook import ROOT, coco_mini, data_dir, lesson_config, markdown_table, relative, runs_dir
+from mvae_course.notebook import (
+    ROOT,
+    coco_mini,
+    data_dir,
+    lesson_config,
+    markdown_table,
+    relative,
+    run_time,
+    runs_dir,
+)
 
 NOTEBOOKS = lesson_notebooks()
 REQUIRED_PARAMETERS = {"smoke", "device", "data_root", "max_steps", "seed"}
@@ -76,6 +87,11 @@ def test_committed_lesson_is_clean(path: Path):
     assert all(c.execution_count is not None for c in code), f"{path.name}: not executed top to bottom"
     assert sum(bool(c.outputs) for c in code) >= len(code) // 3, f"{path.name}: too few outputs; execute it"
     assert not _errors(nb), f"{path.name} holds error outputs: {_errors(nb)}"
+    # The first cell's "Time" line is backed by the last cell: what the committed run took, and where
+    last = code[-1]
+    assert "run_time(smoke)" in last.source, f"{path.name}: the last code cell should print run_time(smoke)"
+    shown = "".join(o.get("text", "") for o in last.outputs)
+    assert shown.startswith("This run took ") and "with the defaults" in shown, f"{path.name}: {shown!r}"
 
     assert "kernelspec" in nb.metadata, f"{path.name}: no kernelspec"
     assert set(nb.metadata) <= set(KEEP_NOTEBOOK_METADATA), f"{path.name}: run metadata {sorted(nb.metadata)}"
@@ -147,6 +163,16 @@ def test_run_course_rejects_the_gpu_preset(tmp_path: Path):
     args = argparse.Namespace(out=str(tmp_path), preset="coco_gpu", max_steps=None)
     with pytest.raises(SystemExit, match="coco_gpu"):
         run_course(args)
+
+
+def test_run_time_gives_this_process_cpu_time_the_mode_and_the_machine():
+    sum(i * i for i in range(2_000_000))  # some CPU time to report
+    shown = run_time(smoke=True)
+    took = re.search(r"took (\d+) s of CPU time and (\d+) s of wall time", shown)
+    cpu, wall = int(took.group(1)), int(took.group(2))
+    assert abs(cpu - time.process_time()) < 1.5 and "in smoke mode" in shown and " cores" in shown, shown
+    assert wall + 1 >= cpu  # this process runs on one thread here: its CPU time cannot exceed its age
+    assert "with the defaults" in run_time(smoke=False)
 
 
 def test_markdown_table_formats_rows():
