@@ -99,7 +99,9 @@ def test_step_profile_splits_the_step_by_kind_of_op(data):
     assert by_name["matrix products"]["GFLOP / step"] > 0 and by_name["convolutions"]["GFLOP / step"] > 0
     assert by_name["everything else"]["GFLOP / step"] == 0  # elementwise work does no counted FLOPs
     assert all(0 < r["ms / step"] <= by_name["everything else"]["ms / step"] for r in rows[3:-1])
-    assert step["calls / step"] == sum(by_name[k]["calls / step"] for k in OP_KINDS) > 0
+    # per-step means, rounded (a batch's caption length sets how many GRU steps run)
+    assert step["calls / step"] == pytest.approx(sum(by_name[k]["calls / step"] for k in OP_KINDS), abs=2)
+    assert by_name["everything else"]["calls / step"] > by_name["matrix products"]["calls / step"] > 0
 
 
 def test_matmul_peak_of_a_rectangular_product():
