@@ -165,13 +165,15 @@ def test_run_course_rejects_the_gpu_preset(tmp_path: Path):
         run_course(args)
 
 
-def test_run_time_gives_this_process_cpu_time_the_mode_and_the_machine():
-    sum(i * i for i in range(2_000_000))  # some CPU time to report
+def test_run_time_gives_this_process_cpu_and_wall_time_the_mode_and_the_machine():
+    started = time.perf_counter()
+    while time.perf_counter() - started < 1.5:  # this process is at least 1.5 s old when it reports
+        sum(i * i for i in range(10_000))
     shown = run_time(smoke=True)
     took = re.search(r"took (\d+) s of CPU time and (\d+) s of wall time", shown)
     cpu, wall = int(took.group(1)), int(took.group(2))
     assert abs(cpu - time.process_time()) < 1.5 and "in smoke mode" in shown and " cores" in shown, shown
-    assert wall + 1 >= cpu  # this process runs on one thread here: its CPU time cannot exceed its age
+    assert wall >= 1, shown  # the process's age, not the time since some later point
     assert "with the defaults" in run_time(smoke=False)
 
 
