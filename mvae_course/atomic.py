@@ -157,6 +157,16 @@ class FileLock:
         self.path, self.purpose, self.timeout = Path(path), purpose, timeout
         self._fd: int | None = None
 
+    @classmethod
+    def beside(cls, path: str | Path, purpose: str = "", suffix: str = ".lock") -> Self:
+        """The lock of the file or folder `path`, kept beside it: `.<name><suffix>` in its folder (created).
+
+        Different suffixes give different locks of one path (one process can hold both).
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return cls(path.parent / f".{path.name}{suffix}", purpose)
+
     def holder(self) -> str:
         """Who holds the lock, as written by the holder: "PID 123 on host h" (or "another process")."""
         try:

@@ -292,7 +292,7 @@ def rebuild(names: Sequence[str | ReferenceRun] | None = None, into: str | Path 
     for run in bar:
         bar.set_postfix_str(run.name)
         # Two lessons retraining one run at once take turns: the second finds it up to date.
-        with FileLock(into / f".{run.name}.lock", f"building the reference run {run.name}"):
+        with FileLock.beside(into / run.name, f"building the reference run {run.name}"):
             if not force and not verify(run, into):
                 tqdm.write(f"{run.name}: up to date ({into / run.name}); --force rebuilds it")
                 written.append(into / run.name)

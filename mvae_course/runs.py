@@ -93,7 +93,7 @@ def train_or_load(
     trained.
     """
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(out_dir.parent / f".{out_dir.name}.train.lock", f"training {out_dir}"):
+    # Not train's own lock (`.run.lock` inside the folder, which fails fast): this one waits its turn.
+    with FileLock.beside(out_dir, f"training {out_dir}", suffix=".train.lock"):
         resume = (out_dir / "last.pt").exists()
         return train(config, out_dir, resume=resume, device=device, progress=progress, data_dir=data_dir)

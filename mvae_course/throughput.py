@@ -348,7 +348,8 @@ def step_profile(pipeline: Pipeline, steps: int = 5, warmup: int = 1,
                  top: int = 5) -> list[dict[str, float | str]]:
     """Where a training step's CPU time goes, by OP_KINDS, then the `top` costliest ops of "everything else":
     op calls per step (those that other ops make included), ms per step (`torch.profiler`'s self CPU time of
-    each op, summed), share of the step, GFLOP per step (`FlopCounterMode`) and GFLOP/s.
+    each op, summed), share of the step, GFLOP per step (`FlopCounterMode`, over one more step: counting
+    beside the profiler would slow the profiled steps) and GFLOP/s.
 
     The profiler adds a few microseconds to every op, so the many small ops of "everything else" weigh a
     little more here than in an unprofiled step; the matrix products' and convolutions' rates are their own.

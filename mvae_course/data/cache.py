@@ -221,10 +221,9 @@ def prepare_cache(
 def _build_lock(out: Path) -> FileLock:
     """The lock that builders of the cache `out` take turns on, beside it (its folder is created)."""
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
+        return FileLock.beside(out, f"building the cache {out}")
     except OSError as e:
         raise CacheError(f"cannot create the folder of the cache {out}: {e.strerror} ({e.filename})") from e
-    return FileLock(out.parent / f".{out.name}.lock", f"building the cache {out}")
 
 
 def _build(

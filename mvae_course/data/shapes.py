@@ -545,8 +545,7 @@ def ensure_shapes(
     wanted = _params(n_train, n_val, level, seed, image_size, holdout)
     if _written_params(root) == wanted:
         return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(root.parent / f".{root.name}.lock", f"writing the shapes data {root}"):
+    with FileLock.beside(root, f"writing the shapes data {root}"):
         if _written_params(root) != wanted:  # not written by another process while this one waited
             write_shapes(root, n_train, n_val, level, seed, image_size, holdout)
     return root
