@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -370,3 +371,34 @@ def test_a_second_builder_waits_and_never_deletes_the_first_ones_work(coco, toke
     # ensure_cache reuses what the first built; prepare_cache (an explicit rebuild) builds after it.
     assert other.exitcode == (0 if second == "ensure_cache" else 1)
     assert len(load_cache(out)) == N_IMAGES and not list(tmp_path.glob(".train.tmp-*"))
+
+
+SLOW_WORKER = """
+import os, signal, sys, time
+import numpy as np
+from PIL import Image
+from mvae_course.data.cache import _decode_all
+from mvae_course.train import _raise_terminated
+
+folder = sys.argv[1]
+paths = []
+for k in range(8):
+    paths.append(os.path.join(folder, f"{k}.png"))
+    Image.new("RGB", (8, 8), (k, 0, 0)).save(paths[-1])
+forks = []
+# The second worker spends a second in an at-fork hook (as a library's may), while the first decodes everything;
+# an exception raised in such a hook is printed and swallowed.
+os.register_at_fork(before=lambda: forks.append(1), after_in_child=lambda: len(forks) == 2 and time.sleep(1))
+signal.signal(signal.SIGTERM, _raise_terminated)  # what training's processes have while they build a cache
+dest = np.zeros((8, 3, 8, 8), dtype=np.uint8)
+print(_decode_all(paths, 8, dest, workers=2, desc="decode"), dest[:, 0, 0, 0].tolist())
+"""
+
+
+def test_a_worker_slow_to_start_does_not_hang_the_pool_when_it_finishes(tmp_path: Path):
+    # A pool stopped with SIGTERM sent it to the starting worker, whose inherited handler raised inside the
+    # hook, which swallowed it: the worker lived on and the pool waited for it forever (the DDP test's hang).
+    done = subprocess.run([sys.executable, "-c", SLOW_WORKER, str(tmp_path)], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "{} [0, 1, 2, 3, 4, 5, 6, 7]", done.stdout

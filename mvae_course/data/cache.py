@@ -168,9 +168,19 @@ def _decode_all(
                 dest[start : start + len(images)] = images
                 errors.update({start + i: msg for i, msg in errs})
                 bar.update(len(images))
+        except BaseException:
+            if pool:
+                pool.terminate()  # an error or Ctrl-C: stop the workers now
+            raise
+        else:
+            if pool:
+                # Done: the workers exit when told to, not by SIGTERM. A worker still starting up has the parent's
+                # handlers (training's raises Terminated), which an at-fork hook can swallow, and terminate() then
+                # waits for it forever.
+                pool.close()
         finally:
             if pool:
-                pool.terminate()
+                pool.join()
     return errors
 
 
