@@ -26,13 +26,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import io
 import math
+import os
 import random
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +54,7 @@ from mvae_course.data.synthetic import (
     COCO_WORDPIECES,
     synthetic_cache,
 )
-from mvae_course.data.text import BERT_VOCAB_SIZE, PAD, UNK, CaptionTokenizer, bert_tokenizer
+from mvae_course.data.text import BERT_VOCAB_SIZE, PAD, UNK, CaptionTokenizer, wordpiece_dir
 from mvae_course.device import amp_dtype, autocast, has_fused_adamw
 from mvae_course.models.mvae import MultimodalVAE
 
@@ -157,6 +160,16 @@ def bert_to_compact(tokenizer: CaptionTokenizer) -> Tensor:
     return table
 
 
+@functools.cache
+def naive_tokenizer() -> Any:
+    """transformers' BERT tokenizer, as a typical training script loads it (the same wordpieces as
+    `bert_tokenizer`, which the course's pipeline uses)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read by huggingface_hub: never reach for the network
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(wordpiece_dir(), local_files_only=True)
+
+
 def collate_bert(items: list[tuple[Tensor, list[str]]]) -> dict[str, Tensor]:
     """The naive collate: one random caption per image, BERT ids padded to MAX_TOKENS.
 
@@ -166,8 +179,8 @@ def collate_bert(items: list[tuple[Tensor, list[str]]]) -> dict[str, Tensor]:
     images, captions = zip(*items)
     chosen = [random.choice(c) for c in captions]
     # [CLS] + content + [SEP], padded to 33; dropping [CLS] leaves the batch layout with [SEP] as EOS.
-    enc = bert_tokenizer()(chosen, padding="max_length", truncation=True, max_length=MAX_TOKENS + 1,
-                           return_tensors="pt")
+    enc = naive_tokenizer()(chosen, padding="max_length", truncation=True, max_length=MAX_TOKENS + 1,
+                            return_tensors="pt")
     text = enc["input_ids"][:, 1:]
     return {"image": torch.stack(images), "text": text, "lengths": enc["attention_mask"].sum(1) - 1}
 

@@ -16,16 +16,13 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import tokenizers
 import torch
-
-# Read by huggingface_hub when transformers is first imported: never reach for the network.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
@@ -48,17 +45,57 @@ def wordpiece_dir() -> Path:
     return path
 
 
+class WordPiece:
+    """BERT's uncased WordPiece tokenizer: text -> wordpieces -> BERT ids and back, the same as
+    transformers' `BertTokenizerFast` gives (the same tokenizer.json, read by the `tokenizers` library
+    that tokenizer wraps, without transformers' seconds of imports). Its method names are transformers'.
+    """
+
+    def __init__(self, backend: tokenizers.Tokenizer) -> None:
+        self.backend = backend
+        self.backend.no_truncation()  # the file truncates and pads to 128 for its sentence model
+        self.backend.no_padding()
+        self._vocab = backend.get_vocab()
+        self.pad_token_id, self.cls_token_id, self.sep_token_id, self.unk_token_id = (
+            self._vocab[t] for t in ("[PAD]", "[CLS]", "[SEP]", "[UNK]"))
+
+    def __len__(self) -> int:
+        return self.backend.get_vocab_size()
+
+    def __repr__(self) -> str:
+        return f"WordPiece({len(self)} entries, from {wordpiece_dir()})"
+
+    def get_vocab(self) -> dict[str, int]:
+        """{wordpiece: BERT id} for all entries."""
+        return dict(self._vocab)
+
+    def tokenize(self, text: str) -> list[str]:
+        """The wordpieces of `text` (no [CLS]/[SEP])."""
+        return self.backend.encode(text, add_special_tokens=False).tokens
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """BERT ids of each text (no [CLS]/[SEP]), in one batched call."""
+        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+
+    def convert_tokens_to_ids(self, pieces: Sequence[str]) -> list[int]:
+        return [self._vocab.get(p, self.unk_token_id) for p in pieces]
+
+    def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
+        return [self.backend.id_to_token(int(i)) for i in ids]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of BERT ids (specials kept): "##" pieces glued to the one before, no space before . , ! ?"""
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
 @functools.lru_cache(maxsize=1)
-def bert_tokenizer() -> Any:
-    """BERT's uncased WordPiece tokenizer (a transformers fast tokenizer), loaded once from local files.
+def bert_tokenizer() -> WordPiece:
+    """BERT's uncased WordPiece tokenizer, loaded once from local files.
 
     Taught in notebooks/03_text_vae.ipynb.
     """
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(wordpiece_dir(), local_files_only=True)
-    # Guard: a tokenizer built the wrong way in transformers 5 silently has a handful of entries.
-    if len(tok) != BERT_VOCAB_SIZE:
+    tok = WordPiece(tokenizers.Tokenizer.from_file(str(wordpiece_dir() / "tokenizer.json")))
+    if len(tok) != BERT_VOCAB_SIZE:  # a file from another model
         raise RuntimeError(
             f"WordPiece tokenizer from {wordpiece_dir()} has {len(tok)} entries, expected {BERT_VOCAB_SIZE}"
         )
@@ -67,7 +104,7 @@ def bert_tokenizer() -> Any:
 
 def _join(pieces: Sequence[str]) -> str:
     # BERT's own decoder: "##" continuations glued to the previous piece, no space before . , ! ?
-    return bert_tokenizer().backend_tokenizer.decoder.decode(list(pieces))
+    return bert_tokenizer().backend.decoder.decode(list(pieces))
 
 
 def normalise(caption: str) -> str:
@@ -77,7 +114,7 @@ def normalise(caption: str) -> str:
     vocabulary, e.g. "A Man's Café-bike!" -> "a man ' s cafe - bike!" (BERT's decoder drops the
     space before . , ! ? only).
     """
-    backend = bert_tokenizer().backend_tokenizer
+    backend = bert_tokenizer().backend
     words = backend.pre_tokenizer.pre_tokenize_str(backend.normalizer.normalize_str(caption))
     return _join([word for word, _ in words])
 
@@ -89,7 +126,7 @@ def _wordpiece_ids(captions: list[str]) -> Iterator[list[int]]:
     """BERT ids of each caption (no [CLS]/[SEP]), tokenised in chunks so memory stays flat on full COCO."""
     bert = bert_tokenizer()
     for start in range(0, len(captions), TOKENIZE_CHUNK):
-        yield from bert(captions[start : start + TOKENIZE_CHUNK], add_special_tokens=False)["input_ids"]
+        yield from bert.encode_batch(captions[start : start + TOKENIZE_CHUNK])
 
 
 class CaptionTokenizer:

@@ -190,17 +190,12 @@ def _long_cases(g: torch.Generator) -> list[Case]:
     return cases
 
 
-@functools.cache
-def _tokenizer() -> Any:
-    return bert_tokenizer()
-
-
 def _long(root: Path, split: str, max_tokens: int, count: str = "pieces", strict: bool = True,
           images: bool = False) -> list[int]:
     def length(caption: str) -> int:
         if count == "words":
             return len(caption.split())
-        return len(_tokenizer()(caption, add_special_tokens=count == "specials")["input_ids"])
+        return len(bert_tokenizer().tokenize(caption)) + (2 if count == "specials" else 0)  # [CLS], [SEP]
 
     anns = _annotations(root, split)["annotations"]
     hits = [a for a in anns if (length(a["caption"]) > max_tokens if strict else length(a["caption"]) >= max_tokens)]
