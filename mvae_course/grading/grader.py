@@ -45,6 +45,7 @@ import torch
 import zmq
 from nbclient import NotebookClient
 from nbclient.exceptions import DeadKernelError
+from nbclient.util import run_sync
 
 from mvae_course.grading.integrity import notebook_code
 from mvae_course.grading.kernel import KERNEL_SOURCE
@@ -333,6 +334,7 @@ class _GradingClient(NotebookClient):
                 socket = getattr(self.kc, f"{name}_channel").socket
                 monitor = socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
                 self._watched.append((socket, self.kc._make_url(name), zmq.Socket.shadow(monitor.underlying)))
+        reopened = False
         for socket, url, monitor in self._watched:
             if monitor.poll(0):
                 while monitor.poll(0):
@@ -340,7 +342,12 @@ class _GradingClient(NotebookClient):
                 with contextlib.suppress(zmq.ZMQError):
                     socket.disconnect(url)
                 socket.connect(url)
-                self.message_dropped = True
+                self.message_dropped = reopened = True
+        if reopened:
+            # iopub subscribes again only once the connection is made: until then the kernel's output is lost.
+            # Wait, as at the kernel's start, for a kernel_info reply and an iopub message after it.
+            with contextlib.suppress(RuntimeError):  # a kernel that does not answer fails the next cell
+                run_sync(self.kc.wait_for_ready)(timeout=INTERRUPT_GRACE)
 
     async def _async_handle_timeout(self, timeout: int, cell: Any = None) -> Any:
         self.stuck = True  # until the kernel reports idle within the grace period
