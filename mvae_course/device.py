@@ -71,6 +71,11 @@ def cpuinfo(path: str | Path = "/proc/cpuinfo") -> dict[str, str]:
     return {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in lines)}
 
 
+def cpu_name() -> str:
+    """This CPU's model name as /proc/cpuinfo gives it ("AMD EPYC"), else what `platform` knows."""
+    return cpuinfo().get("model name") or platform.processor() or platform.machine() or "unknown CPU"
+
+
 @functools.cache
 def cpu_has_bf16(path: str | Path = "/proc/cpuinfo") -> bool:
     """Whether this CPU multiplies bf16 natively: AVX512-BF16 or AMX among the flags of `cpuinfo(path)`.
@@ -119,6 +124,6 @@ def autocast(device: torch.device, enabled: bool) -> ContextManager:
 def machine_description() -> str:
     """The machine a speed was measured on, in one line: CPU, cores, bf16 arithmetic, torch, load average."""
     load = " ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "unknown"
-    return (f"{cpuinfo().get('model name', platform.processor() or 'unknown CPU')}, {os.cpu_count()} cores, "
+    return (f"{cpu_name()}, {os.cpu_count()} cores, "
             f"bf16 arithmetic {'yes' if cpu_has_bf16() else 'no'}, torch {torch.__version__}, "
             f"load average {load}")

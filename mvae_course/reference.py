@@ -42,6 +42,7 @@ from mvae_course.config import Config, preset
 from mvae_course.data.prepare import prepare_data
 from mvae_course.data.shapes import attributes_at_level
 from mvae_course.data.text import CaptionTokenizer
+from mvae_course.device import cpu_name
 from mvae_course.evaluate import evaluate_run
 from mvae_course.judge import JUDGES, STEPS, judge_file, judge_key, saved_judge
 from mvae_course.models.mvae import MultimodalVAE
@@ -237,15 +238,7 @@ def verify(run: str | ReferenceRun, root: str | Path = REFERENCE) -> list[str]:
 
 def machine() -> dict[str, Any]:
     """What trained a run: CPU model, cores, torch version, whether CUDA was used."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "cuda": torch.cuda.is_available(),
             "python": platform.python_version()}
 

@@ -102,3 +102,15 @@ def test_the_bf16_loss_is_the_fp32_loss_up_to_rounding(fusion, bf16_cpu):
         fp32, bf16 = terms[False][name], terms[True][name]
         torch.testing.assert_close(bf16, fp32, rtol=1e-2, atol=0.05, msg=f"{fusion} {name}")
     assert terms[True]["loss"] != terms[False]["loss"]  # bf16 really ran
+
+
+def test_cpu_name_reads_proc_cpuinfo_and_falls_back_to_platform(monkeypatch):
+    from mvae_course import reference
+
+    monkeypatch.setattr(device_module, "cpuinfo", lambda: {"model name": "Test CPU 9000"})
+    assert device_module.cpu_name() == reference.machine()["cpu"] == "Test CPU 9000"
+    assert device_module.machine_description().startswith("Test CPU 9000, ")
+    monkeypatch.setattr(device_module, "cpuinfo", lambda: {})
+    monkeypatch.setattr(device_module.platform, "processor", lambda: "")
+    monkeypatch.setattr(device_module.platform, "machine", lambda: "x86_64")
+    assert device_module.cpu_name() == "x86_64"
