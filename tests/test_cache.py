@@ -395,6 +395,20 @@ print(_decode_all(paths, 8, dest, workers=2, desc="decode"), dest[:, 0, 0, 0].to
 """
 
 
+SLOW_WORKER_AND_AN_ERROR = SLOW_WORKER.replace(
+    "dest = np.zeros((8, 3, 8, 8)", "dest = np.zeros((8, 3, 4, 4)"  # the wrong size: the first image raises
+)
+
+
+def test_a_worker_slow_to_start_does_not_hang_the_pool_when_it_fails(tmp_path: Path):
+    # On an error the pool is stopped with SIGTERM at once, which the starting worker now holds back until it
+    # has its own handler: the error comes through instead of a hang.
+    done = subprocess.run([sys.executable, "-c", SLOW_WORKER_AND_AN_ERROR, str(tmp_path)], capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "ValueError" in done.stderr.splitlines()[-1], done.stderr[-2000:]
+
+
 def test_a_worker_slow_to_start_does_not_hang_the_pool_when_it_finishes(tmp_path: Path):
     # A pool stopped with SIGTERM sent it to the starting worker, whose inherited handler raised inside the
     # hook, which swallowed it: the worker lived on and the pool waited for it forever (the DDP test's hang).

@@ -140,16 +140,27 @@ def _decode_chunk(task: tuple[list[str], int]) -> tuple[np.ndarray, list[tuple[i
 
 def _worker_signals() -> None:
     """A worker takes the default action on SIGTERM (the pool stops its workers with it), not a handler
-    it inherited from the parent, and leaves Ctrl-C to the parent."""
+    it inherited from the parent, and leaves Ctrl-C to the parent. SIGTERM was held back until now (`_pool`)."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 
 def _pool(workers: int) -> Pool:
     """Worker processes, forked where the OS can (as torch's DataLoader does): a spawned worker would
-    spend seconds importing torch before decoding its first image."""
+    spend seconds importing torch before decoding its first image.
+
+    They are forked with SIGTERM blocked, so that one arriving before a worker has its own handler waits
+    for it: the parent's (training's raises Terminated) could be swallowed by an at-fork hook, and the
+    worker would live on while `terminate()` waits for it forever.
+    """
     methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("fork" if "fork" in methods else None).Pool(workers, _worker_signals)
+    context = multiprocessing.get_context("fork" if "fork" in methods else None)
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        return context.Pool(workers, _worker_signals)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def _decode_all(
@@ -174,10 +185,7 @@ def _decode_all(
             raise
         else:
             if pool:
-                # Done: the workers exit when told to, not by SIGTERM. A worker still starting up has the parent's
-                # handlers (training's raises Terminated), which an at-fork hook can swallow, and terminate() then
-                # waits for it forever.
-                pool.close()
+                pool.close()  # done: the workers exit when told to
         finally:
             if pool:
                 pool.join()
