@@ -107,6 +107,8 @@ def test_the_bf16_loss_is_the_fp32_loss_up_to_rounding(fusion, bf16_cpu):
 def test_cpu_name_reads_proc_cpuinfo_and_falls_back_to_platform(monkeypatch):
     from mvae_course import reference
 
+    # machine_description also asks cpu_has_bf16, which reads cpuinfo once per process and keeps the answer
+    monkeypatch.setattr(device_module, "cpu_has_bf16", lambda: True)
     monkeypatch.setattr(device_module, "cpuinfo", lambda: {"model name": "Test CPU 9000"})
     assert device_module.cpu_name() == reference.machine()["cpu"] == "Test CPU 9000"
     assert device_module.machine_description().startswith("Test CPU 9000, ")
