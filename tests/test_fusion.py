@@ -13,7 +13,6 @@ from mvae_course.models.fusion import (
     mixture_of_products,
     product_of_experts,
     sample_mixture,
-    share_out,
     subsets,
 )
 from mvae_course.objectives import gaussian_log_prob
@@ -204,16 +203,3 @@ def test_stratified_sampling_covers_every_component_equally() -> None:
         torch.testing.assert_close(z[e].var(0), var, atol=0.05 * var.max().item(), rtol=0)
     z.sum().backward()
     torch.testing.assert_close(mu.grad, torch.full_like(mu, float(k)))  # reparameterised
-
-
-@pytest.mark.parametrize("B, S", [(64, 3), (7, 3), (2, 3), (9, 7)])
-def test_share_out_is_even_and_uniform_for_every_sample(B, S):
-    torch.manual_seed(0)
-    draws = torch.stack([share_out(B, S) for _ in range(3000)])  # N x B
-    assert draws.min() >= 0 and draws.max() < S
-    counts = torch.nn.functional.one_hot(draws, S).sum(1)  # N x S: samples per component in each batch
-    assert counts.min() == B // S and counts.max() == -(-B // S)
-    # Each sample's component is uniform: frequencies within 5 standard errors of 1 / S.
-    freq = torch.nn.functional.one_hot(draws, S).double().mean(0)  # B x S
-    se = (1 / S * (1 - 1 / S) / len(draws)) ** 0.5
-    assert (freq - 1 / S).abs().max() < 5 * se

@@ -124,19 +124,6 @@ def mixture_of_experts_sample(
     return z, component
 
 
-def share_out(B: int, S: int, device: torch.device | str | None = None) -> Tensor:
-    """Which of S mixture components each of B samples draws its z from: B indices in [0, S).
-
-    Taught in notebooks/04_fusion.ipynb
-
-    Every sample's component is uniform over the S (a random rotation of a random shuffle), and the batch is
-    shared out evenly: each component gets floor(B / S) or ceil(B / S) samples. Decoding each sample once,
-    from its component, is then an unbiased estimate of the average over components at 1/S of the cost
-    (MoPoE's training, as Sutter et al.'s code shares the batch out).
-    """
-    return (torch.randperm(B, device=device) + torch.randint(S, (), device=device)) % S
-
-
 def _mixture_log_weights(weights: Tensor | None, E: int, B: int, like: Tensor) -> Tensor:
     """Normalised mixture log-weights, E x B, from None (uniform), E or E x B non-negative weights."""
     if weights is None:

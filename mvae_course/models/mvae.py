@@ -19,11 +19,9 @@ an "expert" q(z | x_m); `config.fusion` says how the experts make the posterior 
   (The plain ELBO, not the DReG estimator of the paper.)
 - "mopoe" (Sutter et al. 2021): a uniform mixture over every non-empty subset s of the modalities of
   q_s = PoE of the experts in s (no prior expert, as in the paper's equation: a one-modality subset is
-  that modality's expert). The objective averages over subsets s the ELBO of z ~ q_s reconstructing all
-  modalities, minus KL(q_s || p). Since KL of a mixture is at most the mean KL of its components, this is
-  still a lower bound on log p(image, text). Training estimates it as Sutter et al.'s code does: each
-  sample's z comes from one subset, drawn uniformly (the batch shared out evenly), with every subset's KL
-  in closed form; an unbiased estimate at a third of the decoding. Validation decodes every subset.
+  that modality's expert). Trained stratified: z ~ q_s for every s reconstructs all modalities, minus
+  KL(q_s || p); the objective averages over subsets. Since KL of a mixture is at most the mean KL of its
+  components, this is still a lower bound on log p(image, text).
 - "mmvaeplus" (MMVAE+, Palumbo, Daunhawer and Vogt 2023): beside the shared z, each modality m has a
   private latent w_m with prior p(w_m) = N(0, I). Encoder m gives q(z | x_m) q(w_m | x_m), decoder m reads
   (z, w_m), and z is fused as in moe. Trained stratified with K samples (z, w_m) from each modality m:
@@ -59,7 +57,6 @@ from mvae_course.models.fusion import (
     mixture_of_experts_sample,
     mixture_of_products,
     product_of_experts,
-    share_out,
     subsets,
 )
 from mvae_course.models.image import ImageDecoder, ImageEncoder
@@ -416,24 +413,11 @@ class MultimodalVAE(nn.Module):
 
     def _loss_mopoe(self, experts: Experts, batch: dict[str, Tensor], beta: float) -> dict[str, Tensor]:
         mu, logvar = self.fuse(experts)  # S x B x D, one PoE per subset
-        names = [_subset_name(s) for s in subsets(MODALITIES)]
-        S, B = mu.shape[:2]
-        if not self.training or B < S:  # every subset decoded for every sample
-            terms = self._elbo(mu, logvar, batch, MODALITIES, beta)  # S x B each
-            return {
-                **{name: value.mean(0) for name, value in terms.items()},  # stratified: average over subsets
-                **{f"elbo_{name}": terms["elbo"][i] for i, name in enumerate(names)},
-            }
-        # Training: each sample's z from one subset (`share_out`), an unbiased estimate of the average over
-        # subsets that decodes B latents instead of S x B.
-        s = share_out(B, S, mu.device)  # B
-        rows = torch.arange(B, device=mu.device)
-        z = reparameterize(mu[s, rows], logvar[s, rows])  # B x D, z_b ~ q_{s_b}
-        log_likelihoods = {m: self.log_likelihood(z, batch, m) for m in MODALITIES}  # B each
-        kl = kl_standard_normal(mu, logvar)  # S x B: every subset's KL, in closed form
-        terms = self._terms(log_likelihoods, kl.mean(0), beta)  # B each
-        rec = sum(log_likelihoods.values())
-        return {**terms, **{f"elbo_{name}": (rec - kl[i])[s == i] for i, name in enumerate(names)}}
+        terms = self._elbo(mu, logvar, batch, MODALITIES, beta)  # S x B each
+        return {
+            **{name: value.mean(0) for name, value in terms.items()},  # stratified: average over subsets
+            **{f"elbo_{_subset_name(s)}": terms["elbo"][i] for i, s in enumerate(subsets(MODALITIES))},
+        }
 
     def _loss_mmvaeplus(self, encoded: Experts, batch: dict[str, Tensor], beta: float) -> dict[str, Tensor]:
         """The MMVAE+ objective: `iwae_looser` over the modalities of K weights each, DReG gradients."""
