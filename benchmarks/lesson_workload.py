@@ -4,10 +4,14 @@
     python benchmarks/lesson_workload.py --variant before=/tmp/old --variant after=.   # two checkouts, side by side
     python benchmarks/lesson_workload.py --variant bf16=. --variant fp32=.:amp=off
     python benchmarks/lesson_workload.py --variant one=.:threads=1 --variant two=.:threads=2
+    python benchmarks/lesson_workload.py --variant eager=. --variant compiled=.:compile=on
 
-Each variant is NAME=PATH[:amp=on|off][:threads=N]: a checkout of the repository (its `mvae_course` is imported
-from PATH, so an older commit can be measured against this one; `git worktree add /tmp/old <rev>`), whether
-bf16 autocast is allowed (`train.amp`), and the torch threads it trains with (default 1). Every measurement
+Each variant is NAME=PATH[:amp=on|off][:threads=N][:compile=on|off]: a checkout of the repository (its
+`mvae_course` is imported from PATH, so an older commit can be measured against this one; `git worktree add
+/tmp/old <rev>`), whether bf16 autocast is allowed (`train.amp`), the torch threads it trains with (default 1),
+and whether the image encoder and decoder are put through `torch.compile` (a lever measured here, not part of
+the course's training; each run compiles afresh, with an inductor cache of its own, so the one-step run's extra
+CPU seconds are the compile time). Every measurement
 runs `mvae_course.train.train` in a fresh process, and the variants take turns item by item (A B A B ...),
 so a change in the machine's load hits all of them alike. For each fusion: samples/s (the training log's, wall
 clock) and CPU seconds per 1000 steps: the CPU time of a run of `--steps` steps minus that of a run of one
@@ -50,6 +54,16 @@ def work(job: dict[str, Any]) -> dict[str, Any]:
     from mvae_course.train import train
 
     torch.set_num_threads(job["threads"])
+    if job.get("compile"):
+        import mvae_course.train
+
+        class Compiled(mvae_course.train.MultimodalVAE):  # the convolutions; the GRUs stay in eager mode
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, **kwargs)
+                self.image_encoder.compile()
+                self.image_decoder.compile()
+
+        mvae_course.train.MultimodalVAE = Compiled
     changes = {k: v for k, v in job["changes"].items() if k != "base"}
     cfg = preset(job["changes"]["base"]).replace(**changes)
     train_opts = {"amp": job["amp"], "device": "cpu"}
@@ -75,19 +89,21 @@ def work(job: dict[str, Any]) -> dict[str, Any]:
 
 @dataclass
 class Variant:
-    """NAME=PATH[:amp=on|off][:threads=N]."""
+    """NAME=PATH[:amp=on|off][:threads=N][:compile=on|off]."""
 
     name: str
     path: Path
     amp: bool = True
     threads: int = 1
+    compile: bool = False
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def parse(cls, text: str) -> Variant:
         name, sep, rest = text.partition("=")
         if not sep or not name:
-            raise argparse.ArgumentTypeError(f"--variant {text!r}: write NAME=PATH[:amp=off][:threads=N]")
+            raise argparse.ArgumentTypeError(f"--variant {text!r}: write NAME=PATH[:amp=off][:threads=N]"
+                                             "[:compile=on]")
         path, *options = rest.split(":")
         variant = cls(name, Path(path).resolve())
         for option in options:
@@ -96,9 +112,11 @@ class Variant:
                 variant.amp = value == "on"
             elif key == "threads" and value.isdigit() and int(value) > 0:
                 variant.threads = int(value)
+            elif key == "compile" and value in ("on", "off"):
+                variant.compile = value == "on"
             else:
                 raise argparse.ArgumentTypeError(f"--variant {text!r}: unknown option {option!r} "
-                                                 "(amp=on|off, threads=N)")
+                                                 "(amp=on|off, threads=N, compile=on|off)")
         if not (variant.path / "mvae_course" / "__init__.py").is_file():
             raise argparse.ArgumentTypeError(f"--variant {text!r}: {variant.path} holds no mvae_course package")
         return variant
@@ -107,7 +125,9 @@ class Variant:
 def run_job(variant: Variant, job: dict[str, Any]) -> dict[str, Any]:
     """`work(job)` in a fresh interpreter that imports the variant's package."""
     env = {**os.environ, "PYTHONPATH": str(variant.path)}
-    job = {**job, "amp": variant.amp, "threads": variant.threads}
+    if variant.compile:  # a cold cache per run: what a learner's first training pays
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(Path(job["out"]) / "inductor-cache")
+    job = {**job, "amp": variant.amp, "threads": variant.threads, "compile": variant.compile}
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], check=False, env=env,
                           capture_output=True, text=True, cwd=variant.path)
     if proc.returncode != 0:
@@ -118,7 +138,8 @@ def run_job(variant: Variant, job: dict[str, Any]) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", action="append", type=Variant.parse,
-                        help="NAME=PATH[:amp=on|off][:threads=N], repeatable (default: this checkout)")
+                        help="NAME=PATH[:amp=on|off][:threads=N][:compile=on|off], repeatable "
+                             "(default: this checkout)")
     parser.add_argument("--steps", type=int, default=300, help="fusions: steps per timed run (default 300)")
     parser.add_argument("--fusions", nargs="+", default=list(FUSIONS), choices=FUSIONS)
     parser.add_argument("--preset", default="cpu", choices=["cpu", "tiny"],
@@ -169,7 +190,8 @@ def main() -> None:
     print(f"\n### {title}\n\n{markdown_table(rows)}")
     if args.json:
         args.json.write_text(json.dumps({"machine": machine_description(), "variants": {
-            v.name: {"path": str(v.path), "amp": v.amp, "threads": v.threads, "results": v.results}
+            v.name: {"path": str(v.path), "amp": v.amp, "threads": v.threads, "compile": v.compile,
+                     "results": v.results}
             for v in variants}}, indent=2) + "\n")
 
 

@@ -3,6 +3,7 @@
 No timing assertions here: speed is measured by benchmarks/train_throughput.py, not tested.
 """
 
+import argparse
 import dataclasses
 import importlib.util
 import math
@@ -220,6 +221,12 @@ def test_lesson_workload_command_smoke(tmp_path, monkeypatch, capsys):
     cells = [float(c) for c in row.strip("|").split("|")[1:]]  # a's, b's samples/s, CPU s / 1000 steps; a / b
     assert len(cells) == 5 and all(math.isfinite(c) for c in cells)
     assert cells[0] > 0 and cells[2] > 0  # samples/s from the logs (CPU s differences are noise at 3 steps)
+    # The options a variant takes, and a clear error for one it does not
+    variant = script.Variant.parse(f"c={REPO}:amp=off:threads=2:compile=on")
+    assert (variant.amp, variant.threads, variant.compile) == (False, 2, True)
+    assert script.Variant.parse(f"d={REPO}").compile is False
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown option 'compile=yes'"):
+        script.Variant.parse(f"e={REPO}:compile=yes")
 
 
 @pytest.mark.gpu
