@@ -173,6 +173,24 @@ def active_units(mu: Tensor, threshold: float = 0.01) -> Tensor:
     return mu.double().var(dim=0) > threshold
 
 
+def centroid_accuracy(z: Tensor, labels: Sequence[Any]) -> float:
+    """How far apart the labels' clusters lie in z: the fraction of the N points (z: N x D) that are nearer
+    (Euclidean) to the mean of their own label's points than to any other label's mean.
+
+    About 1 / (number of labels) when the labels are mixed, 1 when each forms a tight cluster of its own. The
+    means are fitted on the same points: a description of these points, not a classifier's held-out accuracy.
+    """
+    if z.dim() != 2 or len(labels) != z.shape[0]:
+        raise ValueError(f"z must be N x D with one label per row, got shape {tuple(z.shape)} and "
+                         f"{len(labels)} labels")
+    values = sorted({str(label) for label in labels})
+    index = torch.tensor([values.index(str(label)) for label in labels])  # N
+    z = z.detach().double()
+    means = torch.stack([z[index == i].mean(0) for i in range(len(values))])  # L x D
+    nearest = torch.cdist(z, means).argmin(1)  # N
+    return (nearest == index).double().mean().item()
+
+
 def sharpness(images: Tensor) -> Tensor:
     """How sharp each image is: the variance of its discrete Laplacian (grey levels), B.
 

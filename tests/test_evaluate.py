@@ -14,6 +14,7 @@ from mvae_course.metrics import (
     attribute_hits,
     bootstrap_ci,
     caption_metrics,
+    centroid_accuracy,
     chance_accuracy,
     chance_recall,
     query_ranks,
@@ -353,6 +354,20 @@ def test_comparison_plot_draws_intervals_and_chance():
     assert chance.get_ydata()[0] == pytest.approx(1 / 240)
     assert not [c for c in bleu.containers if isinstance(c, ErrorbarContainer)]
     assert not [line for line in bleu.lines if line.get_linestyle() == "--"]
+
+
+def test_centroid_accuracy_is_one_for_separate_clusters_and_near_chance_for_mixed_labels():
+    torch.manual_seed(0)
+    apart = torch.cat([torch.randn(50, 4) + 10, torch.randn(50, 4) - 10])
+    labels = ["circle"] * 50 + ["square"] * 50
+    assert centroid_accuracy(apart, labels) == 1.0
+    mixed = torch.randn(2000, 4)
+    shuffled = [("circle", "square", "star", "cross")[i % 4] for i in range(2000)]
+    assert 0.2 < centroid_accuracy(mixed, shuffled) < 0.35  # four labels: chance 0.25
+    one_wrong = torch.tensor([[0.0], [2.2], [3.0]])  # a's mean 1.1, b's 3: the point at 2.2 is nearer b's
+    assert centroid_accuracy(one_wrong, ["a", "a", "b"]) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="one label per row"):
+        centroid_accuracy(apart, labels[:3])
 
 
 def test_active_units_count_dimensions_whose_posterior_mean_moves_with_x():

@@ -10,6 +10,7 @@ from mvae_course.plots import (
     make_grid,
     plot_comparison,
     plot_cross_modal,
+    pca_project,
     plot_latent_2d,
     plot_loss_terms,
     save_figure,
@@ -103,6 +104,26 @@ def test_latent_2d_pca_separates_clusters():
     assert (a.max() < b.min()) or (b.max() < a.min())  # the first component splits the two clusters
     with pytest.raises(ValueError, match="labels"):
         plot_latent_2d(z, labels[:3])
+
+
+def test_pca_project_finds_the_direction_of_largest_variance():
+    torch.manual_seed(0)
+    z = torch.randn(200, 3) * torch.tensor([0.1, 5.0, 1.0]) + 7  # most variance along the second axis
+    xy = pca_project(z, 2)
+    assert xy.shape == (200, 2)
+    assert torch.allclose(xy.mean(0), torch.zeros(2), atol=1e-4)  # centred
+    first = xy[:, 0] / xy[:, 0].norm()
+    assert abs(first @ (z[:, 1] - z[:, 1].mean()) / (z[:, 1] - z[:, 1].mean()).norm()) > 0.99
+    assert xy[:, 0].var() > xy[:, 1].var() > 0.5  # the second component: the third axis, variance about 1
+    with pytest.raises(ValueError, match="N x D"):
+        pca_project(torch.randn(5))
+
+
+def test_comparison_bars_are_labelled_with_the_tables_decimals():
+    rows = [{"fusion": "poe", "R@1": 0.0856, "BLEU-4": 70.94}, {"fusion": "mopoe", "R@1": 0.374, "BLEU-4": 49.1}]
+    fig = plot_comparison(rows)
+    labels = [[t.get_text() for t in ax.texts if t.get_text() != "chance"] for ax in fig.axes if ax.get_title()]
+    assert labels == [["0.086", "0.374"], ["70.9", "49.1"]]
 
 
 @pytest.mark.parametrize("batch", [1, 3, 8, 9])
