@@ -180,6 +180,9 @@ def test_run_time_gives_this_process_cpu_and_wall_time_the_mode_and_the_machine(
 def test_markdown_table_formats_rows():
     table = markdown_table([{"name": "a|b", "value": 1 / 3}, {"name": "c", "value": 2}], columns=["name", "value"])
     assert table.splitlines() == ["| name | value |", "|---|---|", "| a\\|b | 0.3333 |", "| c | 2 |"]
+    # a column name with a bar (KL(q(z|image) || p)) once split its header into more cells than its rows
+    header = markdown_table([{"KL(q(z|image) || p)": 1.5}]).splitlines()[0]
+    assert header == "| KL(q(z\\|image) \\|\\| p) |"
     with pytest.raises(ValueError):
         markdown_table([])
 
