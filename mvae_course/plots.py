@@ -87,7 +87,7 @@ def plot_loss_terms(metrics: str | Path | Mapping[str, Sequence] | Sequence[Mapp
                 ax.plot(steps, values, marker="o" if split == "val" else None, markersize=3, label=split)
         ax.set_title(term)
         ax.set_xlabel("step")
-        ax.set_ylabel("value (per sample)")
+        ax.set_ylabel("nats per sample")  # log-likelihoods, KLs, ELBOs and the loss: all in nats
         ax.legend()
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
