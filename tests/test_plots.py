@@ -8,9 +8,9 @@ import torch
 from mvae_course.plots import (
     image_grid,
     make_grid,
+    pca_project,
     plot_comparison,
     plot_cross_modal,
-    pca_project,
     plot_latent_2d,
     plot_loss_terms,
     save_figure,
