@@ -494,9 +494,10 @@ def _train(cfg: Config, out_dir: Path, data_dir: Path, resume: bool, device: tor
                 at.epoch += 1
                 at.batch_in_epoch = 0
     except KeyboardInterrupt as stop:
-        if is_main and at.step > saved_step:
-            with _whole_step():  # a second signal must not cut the save short
-                save_checkpoint(checkpoint(), last_path)
+        if is_main:  # say where the run stands even when last.pt already holds this step
+            if at.step > saved_step:
+                with _whole_step():  # a second signal must not cut the save short
+                    save_checkpoint(checkpoint(), last_path)
             why = "stopped by SIGTERM" if isinstance(stop, Terminated) else "interrupted"
             print(f"\n{why} at step {at.step}: saved {last_path}; continue with resume=True (--resume)",
                   file=sys.stderr)

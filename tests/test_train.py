@@ -373,6 +373,23 @@ def test_train_then_evaluate_on_coco_captions(tmp_path, capsys):
     assert metrics["log_likelihood"]["log_p_joint"] < 0
 
 
+def test_a_stop_just_after_a_checkpoint_still_says_where_the_run_stands(tmp_path, data_dir, monkeypatch, capsys):
+    # A stop landing between step 6's save and step 7 once printed nothing (there was nothing new to save), and
+    # the SIGTERM test below failed now and then under load for want of its message.
+    import mvae_course.train as training
+
+    def stop_after_step_6(step: int, warmup: int) -> float:
+        if step == 6:  # the start of step 7: step 6 is trained and saved (ckpt_every = 6)
+            raise KeyboardInterrupt
+        return kl_beta(step, warmup)
+
+    monkeypatch.setattr(training, "kl_beta", stop_after_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        train(small_config(eval_every=1000), tmp_path / "run", progress=False, data_dir=data_dir)
+    assert re.search(r"interrupted at step 6: saved .*last\.pt", capsys.readouterr().err)
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["step"] == 6
+
+
 def test_sigterm_saves_the_step_it_finished_and_exits_143(tmp_path, data_dir):
     """SLURM, Kubernetes and `timeout` stop a job with SIGTERM: the run saves last.pt, as for Ctrl-C."""
     small_config(log_every=1).save(tmp_path / "small.yaml")
