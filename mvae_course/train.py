@@ -174,11 +174,13 @@ def _sigterm_stops_training() -> Iterator[None]:
 
 
 @contextmanager
-def _whole_step() -> Iterator[None]:
-    """Hold Ctrl-C and SIGTERM until the block ends, so an update is applied whole or not at all.
+def _signals_held() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM until the block ends, so an update or a save is done whole or not at all.
 
     Without this, an interrupt inside `optimizer.step()` would leave half-updated weights that the
-    interrupt handler then saves under the previous step number, and resuming would not be exact.
+    interrupt handler then saves under the previous step number, and resuming would not be exact; and
+    one inside `torch.save` makes its zip writer fail with a RuntimeError ("unexpected pos") that hides
+    the stop, so the run exits 1 without saying where it stands.
     """
     handlers = {s: signal.getsignal(s) for s in STOP_SIGNALS}
     if threading.current_thread() is not threading.main_thread() or None in handlers.values():
@@ -422,6 +424,10 @@ def _train(cfg: Config, out_dir: Path, data_dir: Path, resume: bool, device: tor
             "tokenizer": {"wordpieces": tokenizer.wordpieces},
         }
 
+    def save(path: Path) -> None:
+        with _signals_held():
+            save_checkpoint(checkpoint(), path)
+
     def validate_and_keep_best() -> dict[str, float]:
         val = validate(model, val_loader, device, world_size, tc.amp)
         log.log(at.step, at.epoch, "val", val, lr=scheduler.get_last_lr()[0],
@@ -429,7 +435,7 @@ def _train(cfg: Config, out_dir: Path, data_dir: Path, resume: bool, device: tor
         if val["loss"] < at.best_val:
             at.best_val = val["loss"]
             if is_main:
-                save_checkpoint(checkpoint(), best_path)
+                save(best_path)
         return val
 
     precision = "bf16" if amp_dtype(device, tc.amp) == torch.bfloat16 else "fp32"
@@ -466,7 +472,7 @@ def _train(cfg: Config, out_dir: Path, data_dir: Path, resume: bool, device: tor
                         "stopped; the last good checkpoint is untouched. Try a lower train.lr or "
                         "train.amp=False"
                     )
-                with _whole_step():
+                with _signals_held():
                     optimizer.step()
                     scheduler.step()
                     at.step += 1
@@ -485,7 +491,7 @@ def _train(cfg: Config, out_dir: Path, data_dir: Path, resume: bool, device: tor
                 if at.step % tc.eval_every == 0 or at.step == total_steps:
                     val = validate_and_keep_best()
                 if (at.step % tc.ckpt_every == 0 or at.step == total_steps) and is_main:
-                    save_checkpoint(checkpoint(), last_path)
+                    save(last_path)
                     saved_step = at.step
                 window.pause(time.perf_counter() - pause)
                 if at.step >= total_steps:
@@ -496,8 +502,7 @@ def _train(cfg: Config, out_dir: Path, data_dir: Path, resume: bool, device: tor
     except KeyboardInterrupt as stop:
         if is_main:  # say where the run stands even when last.pt already holds this step
             if at.step > saved_step:
-                with _whole_step():  # a second signal must not cut the save short
-                    save_checkpoint(checkpoint(), last_path)
+                save(last_path)  # a second signal must not cut the save short
             why = "stopped by SIGTERM" if isinstance(stop, Terminated) else "interrupted"
             print(f"\n{why} at step {at.step}: saved {last_path}; continue with resume=True (--resume)",
                   file=sys.stderr)

@@ -24,7 +24,7 @@ from mvae_course.cli import add_train_arguments, config_from_args, main, run_tra
 from mvae_course.device import pick_device
 from mvae_course.metrics_log import read_metrics
 from mvae_course.runs import load_model, train_or_load
-from mvae_course.train import NonFiniteLossError, TrainResult, kl_beta, lr_factor, train
+from mvae_course.train import NonFiniteLossError, Terminated, TrainResult, kl_beta, lr_factor, train
 from conftest import need_coco_mini
 
 
@@ -387,6 +387,37 @@ def test_a_stop_just_after_a_checkpoint_still_says_where_the_run_stands(tmp_path
     with pytest.raises(KeyboardInterrupt):
         train(small_config(eval_every=1000), tmp_path / "run", progress=False, data_dir=data_dir)
     assert re.search(r"interrupted at step 6: saved .*last\.pt", capsys.readouterr().err)
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["step"] == 6
+
+
+def test_a_sigterm_during_a_save_is_held_until_the_checkpoint_is_whole(tmp_path, data_dir, monkeypatch):
+    # A SIGTERM landing inside torch.save once made its zip writer raise RuntimeError ("unexpected pos"),
+    # which hid the stop: the run exited 1 and said nothing (seen in CI on the test below).
+    import mvae_course.checkpoint as checkpointing
+    real_save, writes = torch.save, []
+
+    class SignalAfterSecondWrite:
+        """The file torch.save writes last.pt into; SIGTERM arrives after its second write."""
+
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            n = self.f.write(data)
+            if ".last.pt.tmp" in self.f.name:
+                writes.append(n)
+                if len(writes) == 2:
+                    os.kill(os.getpid(), signal.SIGTERM)
+            return n
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    monkeypatch.setattr(checkpointing.torch, "save",
+                        lambda state, f: real_save(state, SignalAfterSecondWrite(f)))
+    with pytest.raises(Terminated):
+        train(small_config(eval_every=1000), tmp_path / "run", progress=False, data_dir=data_dir)
+    assert len(writes) > 2  # the signal came mid-save, and the save went on to the end
     assert load_checkpoint(tmp_path / "run" / "last.pt")["step"] == 6
 
 
