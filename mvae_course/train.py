@@ -40,7 +40,7 @@ from mvae_course.config import Config
 from mvae_course.data.cache import CacheLoader
 from mvae_course.data.prepare import prepare_data
 from mvae_course.data.text import CaptionTokenizer
-from mvae_course.device import amp_dtype, autocast, has_fused_adamw, seeded, set_seed
+from mvae_course.device import amp_dtype, autocast, has_fused_adamw, keep_freed_memory, seeded, set_seed
 from mvae_course.distributed import (
     barrier,
     init_distributed,
@@ -445,6 +445,7 @@ def _train(cfg: Config, out_dir: Path, data_dir: Path, resume: bool, device: tor
     val: dict[str, float] = {}
     net.train()
     caller_threads = torch.get_num_threads()
+    keep_freed_memory()  # each step reuses the last one's memory instead of faulting it in again
     if tc.threads:
         torch.set_num_threads(tc.threads)
     try:

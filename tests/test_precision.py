@@ -2,10 +2,15 @@
 the loss only by bf16's rounding.
 
 The bf16 path runs on any CPU: where the CPU lacks AVX512-BF16 and AMX, the tests force `autocast` on and
-PyTorch emulates bf16, so the same code is checked everywhere (only slower).
+PyTorch emulates bf16, so the same code is checked everywhere (only slower). Last, the other CPU setting
+training makes: glibc keeping freed memory for the next step.
 """
 
 from __future__ import annotations
+
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -116,3 +121,32 @@ def test_cpu_name_reads_proc_cpuinfo_and_falls_back_to_platform(monkeypatch):
     monkeypatch.setattr(device_module.platform, "processor", lambda: "")
     monkeypatch.setattr(device_module.platform, "machine", lambda: "x86_64")
     assert device_module.cpu_name() == "x86_64"
+
+
+FAULTS = """
+import resource, sys
+import torch
+from mvae_course.device import keep_freed_memory
+kept = keep_freed_memory() if sys.argv[1] == "keep" else None
+def step():  # three 4 MiB tensors alive at once, their pages written, then freed: a training step's pattern
+    xs = [torch.ones(2**20) for _ in range(3)]
+for _ in range(3):
+    step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    step()
+print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="keep_freed_memory sets glibc's malloc")
+def test_keep_freed_memory_stops_each_step_faulting_its_memory_in_again():
+    def faults(mode: str) -> tuple[str, int]:
+        out = subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True, text=True, check=True)
+        kept, count = out.stdout.split()
+        return kept, int(count)
+
+    (default_kept, default), (kept, keep) = faults("default"), faults("keep")
+    assert default_kept == "None" and kept == "True"
+    # 20 steps x 3 x 1024 pages: glibc's default trims the heap after each step and faults most of them again
+    assert default > 20 * 1024 and keep * 4 < default, (default, keep)
