@@ -9,7 +9,13 @@ from torch import nn
 
 from mvae_course.config import ModelConfig, preset
 from mvae_course.data.text import BOS, EOS, PAD, UNK
-from mvae_course.models.image import ImageDecoder, ImageEncoder, conv_output_size
+from mvae_course.models.image import (
+    ImageDecoder,
+    ImageEncoder,
+    SubPixelConvTranspose2d,
+    conv_output_size,
+    subpixel_kernel,
+)
 from mvae_course.models.text import TextDecoder, TextEncoder, filter_logits, shift_right, word_dropout
 
 VOCAB = 30
@@ -58,6 +64,37 @@ def test_image_encoder_decoder_shapes(image_size, channels, side):
     assert decoder(mu).shape == (5, 3, image_size, image_size)
     k_by_b = torch.randn(7, 5, config.z_dim)  # K x B latents
     assert decoder(k_by_b).shape == (7, 5, 3, image_size, image_size)
+
+
+@pytest.mark.parametrize(("c_in", "c_out", "height", "width"), [(16, 3, 16, 16), (4, 6, 5, 3), (1, 1, 1, 1)])
+def test_subpixel_transposed_convolution_is_the_transposed_convolution(c_in, c_out, height, width):
+    torch.manual_seed(0)
+    layer = SubPixelConvTranspose2d(c_in, c_out).double()
+    x = torch.randn(2, c_in, height, width, dtype=torch.float64, requires_grad=True)
+    got = layer(x)
+    expected = F.conv_transpose2d(x, layer.weight, layer.bias, stride=2, padding=1)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    grad_out = torch.randn_like(expected)
+    grads = torch.autograd.grad(got, (x, layer.weight, layer.bias), grad_out)
+    expected_grads = torch.autograd.grad(expected, (x, layer.weight, layer.bias), grad_out)
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-12)
+    # every one of the 4 x 4 taps is used by exactly one output parity, and nothing else enters the kernel
+    kernel = subpixel_kernel(layer.weight)
+    assert kernel.shape == (4 * c_out, c_in, 3, 3)
+    assert torch.equal(kernel.abs().sum().detach(), layer.weight.abs().sum().detach())
+    assert int((kernel != 0).sum()) == int((layer.weight != 0).sum())
+
+
+def test_the_subpixel_layer_has_a_transposed_convolutions_parameters_and_initialisation():
+    torch.manual_seed(3)
+    subpixel = SubPixelConvTranspose2d(16, 3)
+    torch.manual_seed(3)
+    plain = nn.ConvTranspose2d(16, 3, kernel_size=4, stride=2, padding=1)
+    assert subpixel.state_dict().keys() == plain.state_dict().keys()  # shipped weights load as they are
+    for name, value in plain.state_dict().items():
+        assert torch.equal(subpixel.state_dict()[name], value), name  # a seed trains the same network
+    assert isinstance(ImageDecoder(tiny_config()).deconv[-1], SubPixelConvTranspose2d)
 
 
 def test_image_size_that_does_not_halve_is_an_error():
