@@ -144,7 +144,8 @@ def main() -> None:
     parser.add_argument("--fusions", nargs="+", default=list(FUSIONS), choices=FUSIONS)
     parser.add_argument("--preset", default="cpu", choices=["cpu", "tiny"],
                         help="what the lessons train (cpu, the default) or tiny (a smoke run of this script)")
-    parser.add_argument("--data-dir", type=Path, help="where the shapes data and caches go (default: a temp dir)")
+    parser.add_argument("--data-dir", type=Path,
+                        help="where the shapes data and caches go, a folder per variant (default: a temp dir)")
     parser.add_argument("--json", type=Path, help="also write every measurement here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -163,14 +164,19 @@ def main() -> None:
         for fusion in args.fusions:
             changes = {"base": args.preset, "model": {"fusion": fusion}}
             jobs += [(f"fusion {fusion} {n}", {"changes": changes, "max_steps": n}) for n in (1, args.steps)]
-        # One untimed step first writes the shapes data and its cache, which every later run reuses: else the
-        # first variant's one-step run would pay for them and its CPU s per step would read too low.
-        warm = run_job(variants[0], {**jobs[0][1], "out": str(Path(tmp) / "warm-up"), "data_dir": str(data_dir)})
-        print(f"data prepared (and one step) in {warm['cpu_s']:.1f} CPU s, not counted", flush=True)
+        # One untimed step per variant first writes the shapes data and its cache into a folder of its own,
+        # which its later runs reuse: else a one-step run would pay for them, and two checkouts whose data
+        # differ (an older generator) would rebuild each other's caches inside timed runs.
+        for variant in variants:
+            warm = run_job(variant, {**jobs[0][1], "out": str(Path(tmp) / "warm-up" / variant.name),
+                                     "data_dir": str(data_dir / variant.name)})
+            print(f"{variant.name}: data prepared (and one step) in {warm['cpu_s']:.1f} CPU s, not counted",
+                  flush=True)
         for i, (key, job) in enumerate(jobs):
             for variant in variants:
                 out = Path(tmp) / variant.name / f"run{i}"
-                variant.results[key] = run_job(variant, {**job, "out": str(out), "data_dir": str(data_dir)})
+                variant.results[key] = run_job(variant, {**job, "out": str(out),
+                                                         "data_dir": str(data_dir / variant.name)})
             print(f"{key}: " + ", ".join(f"{v.name} {v.results[key]['cpu_s']:.1f} CPU s" for v in variants),
                   flush=True)
     print(f"\n{machine_description()} (at the end)")

@@ -221,6 +221,10 @@ def test_lesson_workload_command_smoke(tmp_path, monkeypatch, capsys):
     cells = [float(c) for c in row.strip("|").split("|")[1:]]  # a's, b's samples/s, CPU s / 1000 steps; a / b
     assert len(cells) == 5 and all(math.isfinite(c) for c in cells)
     assert cells[0] > 0 and cells[2] > 0  # samples/s from the logs (CPU s differences are noise at 3 steps)
+    # each variant prepares its data, untimed, in a folder of its own: an older checkout's data cannot make
+    # another variant rebuild its cache inside a timed run
+    assert "a: data prepared" in out and "b: data prepared" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
     # The options a variant takes, and a clear error for one it does not
     variant = script.Variant.parse(f"c={REPO}:amp=off:threads=2:compile=on")
     assert (variant.amp, variant.threads, variant.compile) == (False, 2, True)
