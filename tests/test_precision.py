@@ -125,7 +125,6 @@ def test_cpu_name_reads_proc_cpuinfo_and_falls_back_to_platform(monkeypatch):
     assert device_module.cpu_name() == "x86_64"
 
 
-
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="keep_freed_memory sets glibc's malloc")
 def test_glibc_takes_the_thresholds_keep_freed_memory_sets():
     # mallopt returns 0 for a value it refuses (an mmap threshold above its largest, 32 MiB): a fresh process
